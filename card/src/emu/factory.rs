@@ -1,0 +1,223 @@
+//! The virtual chip factory: makes emulated cards the way a chip vendor
+//! does: a unique chip identifier and CPLC, a card key pair generated "in
+//! the chip", an identity certificate signed by the vendor CA, the vendor's
+//! default GP keys (version FF), and an empty card manager. Counterfeits get
+//! a certificate from another CA; clones copy an existing card's identity.
+//!
+//! DEMO ONLY: the vendor CA private keys below are public constants so that
+//! demos and tests are reproducible. No real card may ever trust them.
+
+use std::sync::Arc;
+
+use k256::ecdsa::{SigningKey, VerifyingKey};
+use sha2::{Digest, Sha256};
+
+use super::memory::{KeySet, Package, Persistent};
+use super::{CardFaults, Chip, Drbg, EmuCard};
+use crate::cardid::CardId;
+use crate::gp::card_state;
+use crate::gp::cplc::Cplc;
+use crate::gp::keys::StaticKeys;
+use crate::wallet::cert::Certificate;
+
+/// The key version of the chip vendor's default keys.
+pub const DEFAULT_KEY_VERSION: u8 = 0xFF;
+
+/// Certificate validity given to genuine chips: 2024-01-01 to 2044-01-01.
+pub const CERT_NOT_BEFORE: u64 = 1_704_067_200;
+pub const CERT_NOT_AFTER: u64 = 2_335_219_200;
+
+fn demo_key(label: &[u8]) -> SigningKey {
+    let mut seed: [u8; 32] = Sha256::digest(label).into();
+    loop {
+        if let Ok(k) = SigningKey::from_slice(&seed) {
+            return k;
+        }
+        seed = Sha256::digest(seed).into();
+    }
+}
+
+/// DEMO ONLY: the demo card vendor CA that genuine emulated chips chain to.
+pub fn demo_vendor_ca() -> SigningKey {
+    demo_key(b"Tapline DEMO ONLY vendor CA v1")
+}
+
+/// DEMO ONLY: a CA nobody pins; counterfeit chips chain to it.
+pub fn counterfeit_ca() -> SigningKey {
+    demo_key(b"Tapline DEMO ONLY counterfeit CA v1")
+}
+
+pub fn demo_vendor_ca_public() -> VerifyingKey {
+    *demo_vendor_ca().verifying_key()
+}
+
+/// The ATR of an ISO 14443-4 card as a PC/SC reader reports it (PC/SC part 3
+/// pseudo-ATR: 3B 8n 80 01, historical bytes, TCK).
+fn pseudo_atr(historical: &[u8]) -> Vec<u8> {
+    let mut atr = vec![0x3B, 0x80 | historical.len() as u8, 0x80, 0x01];
+    atr.extend_from_slice(historical);
+    let tck = atr[1..].iter().fold(0u8, |a, b| a ^ b);
+    atr.push(tck);
+    atr
+}
+
+/// What kind of chip to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChipKind {
+    Genuine,
+    /// Identity certificate signed by a CA that is not pinned.
+    Counterfeit,
+    /// Same identity (card id, card key, certificate) as an existing chip.
+    Clone(CardId),
+    /// Genuine chip whose vendor shipped other default keys.
+    WrongDefaultKeys,
+    /// Genuine chip whose certificate expired.
+    Expired,
+}
+
+/// Makes emulated chips. Deterministic for a given seed.
+pub struct ChipFactory {
+    vendor: SigningKey,
+    fake_vendor: SigningKey,
+    rng: Drbg,
+    serial: u32,
+    batch: [u8; 2],
+    made: Vec<(CardId, [u8; 32])>,
+}
+
+impl ChipFactory {
+    pub fn new(seed: u64) -> Self {
+        let rng_seed: [u8; 32] = Sha256::digest([b"tapline factory".as_slice(), &seed.to_be_bytes()].concat()).into();
+        Self {
+            vendor: demo_vendor_ca(),
+            fake_vendor: counterfeit_ca(),
+            rng: Drbg::new(rng_seed),
+            serial: 0,
+            batch: [(seed >> 8) as u8, seed as u8],
+            made: Vec::new(),
+        }
+    }
+
+    fn next_id(&mut self) -> CardId {
+        self.serial += 1;
+        let mut salt = [0u8; 2];
+        self.rng.fill(&mut salt);
+        let s = self.serial.to_be_bytes();
+        // Fabricator 4790 and IC type 5040 mimic a common layout; batch
+        // and serial make the identifier unique within the factory.
+        CardId([0x47, 0x90, 0x50, 0x40, self.batch[0] ^ salt[0], self.batch[1] ^ salt[1], s[0], s[1], s[2], s[3]])
+    }
+
+    /// Makes one chip of the given kind with the given fault script.
+    pub fn make(&mut self, kind: ChipKind, faults: CardFaults) -> EmuCard {
+        let (id, key_seed) = match &kind {
+            ChipKind::Clone(original) => {
+                let seed = self.made.iter().find(|(i, _)| i == original).map(|(_, s)| *s);
+                match seed {
+                    Some(s) => (*original, s),
+                    None => (self.next_id(), self.fresh_seed()),
+                }
+            }
+            _ => (self.next_id(), self.fresh_seed()),
+        };
+        self.made.push((id, key_seed));
+        let card_key = Drbg::new(key_seed).scalar();
+        let (ca, not_after) = match kind {
+            ChipKind::Counterfeit => (&self.fake_vendor, CERT_NOT_AFTER),
+            ChipKind::Expired => (&self.vendor, CERT_NOT_BEFORE + 86_400),
+            _ => (&self.vendor, CERT_NOT_AFTER),
+        };
+        let cert = Certificate::issue(ca, id, card_key.verifying_key(), CERT_NOT_BEFORE, not_after);
+        let default_keys = match kind {
+            ChipKind::WrongDefaultKeys => {
+                StaticKeys::from_single(crate::gp::keys::AesKey::from_bytes(&[0x5A; 16]).expect("16-byte key"))
+            }
+            _ => StaticKeys::gp_default(),
+        };
+        let chip = Chip {
+            id,
+            cplc: Cplc::for_card(&id, [0x47, 0x00]),
+            card_key,
+            certificate: cert.encode(),
+            atr: pseudo_atr(b"TAPLINE-EMU"),
+        };
+        let mem = Persistent {
+            card_state: card_state::SECURED,
+            key_sets: vec![KeySet { version: DEFAULT_KEY_VERSION, keys: default_keys }],
+            auth_failures: 0,
+            packages: Vec::new(),
+            instances: Vec::new(),
+            wallet: None,
+            attest_counter: 0,
+            test_region: Arc::new(Vec::new()),
+        };
+        let label = match &kind {
+            ChipKind::Genuine => "genuine".to_string(),
+            ChipKind::Counterfeit => "counterfeit".to_string(),
+            ChipKind::Clone(_) => "clone".to_string(),
+            ChipKind::WrongDefaultKeys => "wrong-default-keys".to_string(),
+            ChipKind::Expired => "expired-certificate".to_string(),
+        };
+        EmuCard::new(chip, mem, self.fresh_seed(), faults, label)
+    }
+
+    fn fresh_seed(&mut self) -> [u8; 32] {
+        let mut s = [0u8; 32];
+        self.rng.fill(&mut s);
+        s
+    }
+}
+
+impl EmuCard {
+    /// Preloads a package as if an earlier line had loaded it (for "wrong
+    /// firmware already on the card" scenarios).
+    pub fn preload_package(&mut self, aid: &[u8], version: (u8, u8), load_file: &[u8], applets: Vec<Vec<u8>>) {
+        self.mem.packages.push(Package {
+            aid: aid.to_vec(),
+            version,
+            hash: Sha256::digest(load_file).into(),
+            applet_classes: applets,
+            code: Arc::new(load_file.to_vec()),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atr_has_valid_tck() {
+        let atr = pseudo_atr(b"TAPLINE-EMU");
+        assert_eq!(atr[..4], [0x3B, 0x8B, 0x80, 0x01]);
+        assert_eq!(atr[1..].iter().fold(0u8, |a, b| a ^ b), 0);
+    }
+
+    #[test]
+    fn factory_is_deterministic_and_ids_unique() {
+        let mut f1 = ChipFactory::new(7);
+        let mut f2 = ChipFactory::new(7);
+        let a: Vec<CardId> = (0..50).map(|_| f1.make(ChipKind::Genuine, CardFaults::default()).id()).collect();
+        let b: Vec<CardId> = (0..50).map(|_| f2.make(ChipKind::Genuine, CardFaults::default()).id()).collect();
+        assert_eq!(a, b);
+        let mut sorted = a.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 50);
+    }
+
+    #[test]
+    fn certificates_chain_to_the_right_ca() {
+        let mut f = ChipFactory::new(1);
+        let pinned = [demo_vendor_ca_public()];
+        let g = f.make(ChipKind::Genuine, CardFaults::default());
+        let cert = Certificate::parse(&g.chip.certificate).expect("parses");
+        assert!(cert.verify(&pinned, CERT_NOT_BEFORE + 10).is_ok());
+        let c = f.make(ChipKind::Counterfeit, CardFaults::default());
+        let cert = Certificate::parse(&c.chip.certificate).expect("parses");
+        assert!(cert.verify(&pinned, CERT_NOT_BEFORE + 10).is_err());
+        let clone = f.make(ChipKind::Clone(g.id()), CardFaults::default());
+        assert_eq!(clone.id(), g.id());
+        assert_eq!(clone.chip.certificate, g.chip.certificate);
+    }
+}

@@ -1,0 +1,367 @@
+//! The card emulator: a model of a JavaCard with a GlobalPlatform card
+//! manager and the Tapline wallet applet, with persistent memory and
+//! JavaCard-like atomicity (`memory`), a latency model (`latency`), a fault
+//! script (`CardFaults`) and a chip factory (`factory`). It is a model with
+//! state, not canned bytes: every answer is computed from what the card holds.
+//! Emulated cards are for tests and demos only: their keys come from a
+//! deterministic generator.
+
+mod applet;
+mod card_manager;
+pub mod factory;
+pub mod latency;
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k256::ecdsa::SigningKey;
+use sha2::{Digest, Sha256};
+
+use self::latency::{Cost, LatencyModel};
+use self::memory::{Persistent, Selected, Transient};
+use crate::apdu::{Command, Response};
+use crate::cardid::CardId;
+use crate::gp::cplc::Cplc;
+use crate::sw::StatusWord;
+
+/// Consecutive failed EXTERNAL AUTHENTICATE after which the card manager
+/// locks itself (real cards use 3 to 10; the exact number is vendor-set).
+pub const AUTH_FAILURE_LIMIT: u8 = 10;
+
+/// When a scripted removal happens relative to the card processing the APDU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TearPoint {
+    /// The card loses power before it processes the APDU: no state change.
+    Before,
+    /// The card processes and commits, then loses power before answering.
+    After,
+}
+
+/// The fault script of one card. APDU numbers count from 1 over the card's
+/// whole life (all sessions), and each scripted event fires once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CardFaults {
+    /// Pull the card out of the field at APDU n.
+    pub remove_at: Option<(u64, TearPoint)>,
+    /// From APDU n on, the card never answers.
+    pub mute_from: Option<u64>,
+    /// Answer every command with this INS with this status word.
+    pub wrong_sw: Option<(u8, StatusWord)>,
+    /// Corrupt every signature the card makes with its card key.
+    pub bad_signature: bool,
+    /// The RNG is stuck: GET CHALLENGE returns a constant.
+    pub stuck_rng: bool,
+    /// A crypto engine fails its known-answer test.
+    pub failing_kat: bool,
+    /// A memory cell is stuck: the memory test reads back wrong data.
+    pub bad_memory: bool,
+    /// Latency multiplier (a slow card is about 2.8x a JCOP4).
+    pub slow_factor: f64,
+}
+
+impl Default for CardFaults {
+    fn default() -> Self {
+        Self {
+            remove_at: None,
+            mute_from: None,
+            wrong_sw: None,
+            bad_signature: false,
+            stuck_rng: false,
+            failing_kat: false,
+            bad_memory: false,
+            slow_factor: 1.0,
+        }
+    }
+}
+
+impl CardFaults {
+    pub fn is_clean(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// What happened to one APDU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exchange {
+    /// The card answered after `latency` (modeled, at speed 1.0).
+    Answer { response: Vec<u8>, latency: Duration },
+    /// The card left the field (scripted removal) after `latency`.
+    Removed { latency: Duration },
+    /// The card does not answer.
+    Mute,
+}
+
+/// The immutable identity burned into the chip at manufacture.
+pub struct Chip {
+    pub id: CardId,
+    pub cplc: Cplc,
+    pub card_key: SigningKey,
+    pub certificate: Vec<u8>,
+    pub atr: Vec<u8>,
+}
+
+/// A deterministic random bit generator standing in for the chip's TRNG:
+/// SHA-256 in counter mode over a per-chip seed. Its state is physical,
+/// not memory: it does not rewind at power-up.
+pub struct Drbg {
+    seed: [u8; 32],
+    counter: u64,
+}
+
+impl Drbg {
+    pub fn new(seed: [u8; 32]) -> Self {
+        Self { seed, counter: 0 }
+    }
+
+    pub fn fill(&mut self, out: &mut [u8]) {
+        for chunk in out.chunks_mut(32) {
+            let mut h = Sha256::new();
+            h.update(self.seed);
+            h.update(self.counter.to_be_bytes());
+            self.counter += 1;
+            let block = h.finalize();
+            chunk.copy_from_slice(&block[..chunk.len()]);
+        }
+    }
+
+    pub fn scalar(&mut self) -> SigningKey {
+        loop {
+            let mut b = [0u8; 32];
+            self.fill(&mut b);
+            if let Ok(k) = SigningKey::from_slice(&b) {
+                return k;
+            }
+        }
+    }
+}
+
+/// A package as the card holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageView {
+    pub aid: Vec<u8>,
+    pub version: (u8, u8),
+    /// SHA-256 of the load file the card received.
+    pub hash: [u8; 32],
+}
+
+/// A read-only view of a card's real state, for tests and for comparing
+/// the ledger with the cards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardView {
+    pub id: CardId,
+    pub card_state: u8,
+    pub key_versions: Vec<u8>,
+    pub auth_failures: u8,
+    pub packages: Vec<PackageView>,
+    pub instances: Vec<(Vec<u8>, u8)>,
+    pub wallet_lifecycle: Option<crate::wallet::Lifecycle>,
+    pub wallet_public_key: Option<[u8; 33]>,
+    pub attest_counter: u32,
+    pub apdus: u64,
+}
+
+/// One emulated card.
+pub struct EmuCard {
+    chip: Arc<Chip>,
+    mem: Persistent,
+    ram: Transient,
+    rng: Drbg,
+    faults: CardFaults,
+    latency: LatencyModel,
+    apdus: u64,
+    label: String,
+}
+
+/// What a command handler sees: the chip, a working copy of persistent
+/// memory (committed by the caller on success), RAM, RNG and faults.
+pub(crate) struct Ctx<'a> {
+    pub chip: &'a Chip,
+    pub mem: &'a mut Persistent,
+    pub ram: &'a mut Transient,
+    pub rng: &'a mut Drbg,
+    pub faults: &'a CardFaults,
+}
+
+pub(crate) type Handled = (Response, Cost);
+
+pub(crate) fn status(sw: StatusWord) -> Handled {
+    (Response::status(sw), Cost::Small)
+}
+
+impl EmuCard {
+    pub(crate) fn new(chip: Chip, mem: Persistent, rng_seed: [u8; 32], faults: CardFaults, label: String) -> Self {
+        Self {
+            chip: Arc::new(chip),
+            mem,
+            ram: Transient::power_on(),
+            rng: Drbg::new(rng_seed),
+            faults,
+            latency: LatencyModel::JCOP4,
+            apdus: 0,
+            label,
+        }
+    }
+
+    pub fn id(&self) -> CardId {
+        self.chip.id
+    }
+
+    /// What the factory made this card as ("genuine", "counterfeit", ...).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn atr(&self) -> &[u8] {
+        &self.chip.atr
+    }
+
+    pub fn faults(&self) -> &CardFaults {
+        &self.faults
+    }
+
+    pub fn set_faults(&mut self, faults: CardFaults) {
+        self.faults = faults;
+    }
+
+    pub fn set_latency(&mut self, latency: LatencyModel) {
+        self.latency = latency;
+    }
+
+    /// Power-up (insertion, reconnect or reset): RAM is cleared and an
+    /// incomplete load is discarded, as a card manager does at reset.
+    pub fn power_on(&mut self) {
+        self.ram = Transient::power_on();
+    }
+
+    /// Processes one raw command APDU.
+    pub fn process(&mut self, raw: &[u8]) -> Exchange {
+        self.apdus += 1;
+        let n = self.apdus;
+        if self.faults.mute_from.is_some_and(|m| n >= m) {
+            return Exchange::Mute;
+        }
+        let tear = match self.faults.remove_at {
+            Some((at, point)) if at == n => {
+                self.faults.remove_at = None;
+                Some(point)
+            }
+            _ => None,
+        };
+        if tear == Some(TearPoint::Before) {
+            self.ram = Transient::power_on();
+            return Exchange::Removed { latency: self.latency.duration(Cost::Small) / 2 };
+        }
+        let (resp, cost) = self.execute(raw);
+        let latency = self.latency.duration(cost).mul_f64(self.faults.slow_factor.max(0.0));
+        if tear == Some(TearPoint::After) {
+            self.ram = Transient::power_on();
+            return Exchange::Removed { latency };
+        }
+        Exchange::Answer { response: resp.to_bytes(), latency }
+    }
+
+    fn execute(&mut self, raw: &[u8]) -> Handled {
+        let cmd = match Command::parse(raw) {
+            Ok(c) => c,
+            Err(_) => return status(StatusWord::WRONG_LENGTH),
+        };
+        if let Some((ins, sw)) = self.faults.wrong_sw
+            && ins == cmd.ins
+        {
+            return status(sw);
+        }
+        if cmd.cla & 0x80 == 0 && cmd.ins == crate::gp::ins::SELECT && cmd.p1 == 0x04 {
+            return self.select(&cmd);
+        }
+        // Work on a copy of persistent memory; commit only on success.
+        let mut work = self.mem.clone();
+        let mut ctx =
+            Ctx { chip: &self.chip, mem: &mut work, ram: &mut self.ram, rng: &mut self.rng, faults: &self.faults };
+        let (resp, cost) = match ctx.ram.selected.clone() {
+            Selected::CardManager => card_manager::handle(&mut ctx, &cmd),
+            Selected::Instance(aid) => applet::handle(&mut ctx, &aid, &cmd),
+            Selected::Nothing => status(StatusWord::CONDITIONS_NOT_SATISFIED),
+        };
+        let sw1 = resp.sw.sw1();
+        // A refused EXTERNAL AUTHENTICATE still counts against the card:
+        // the failure counter write is the one persistent effect of an error.
+        let keep = matches!(sw1, 0x90 | 0x61 | 0x62 | 0x63);
+        if keep || work.auth_failures != self.mem.auth_failures {
+            self.mem = work;
+        }
+        (resp, cost)
+    }
+
+    fn select(&mut self, cmd: &Command) -> Handled {
+        // Selecting any application ends the card manager's secure channel
+        // session (GP §10.2: the session is bound to the selected SD).
+        self.ram.close_channel();
+        if cmd.data.is_empty() || cmd.data.as_slice() == crate::gp::ISD_AID {
+            self.ram.selected = Selected::CardManager;
+            return card_manager::select_response(&self.chip, &self.mem);
+        }
+        if self.mem.card_state == crate::gp::card_state::CARD_LOCKED {
+            self.ram.selected = Selected::Nothing;
+            return status(StatusWord::FILE_NOT_FOUND);
+        }
+        match self.mem.instances.iter().find(|i| i.aid == cmd.data) {
+            Some(inst)
+                if inst.state & crate::gp::app_state::SELECTABLE == crate::gp::app_state::SELECTABLE
+                    && inst.state != crate::gp::app_state::LOCKED =>
+            {
+                self.ram.selected = Selected::Instance(inst.aid.clone());
+                let ctx = Ctx {
+                    chip: &self.chip,
+                    mem: &mut self.mem,
+                    ram: &mut self.ram,
+                    rng: &mut self.rng,
+                    faults: &self.faults,
+                };
+                applet::select_response(&ctx, &cmd.data)
+            }
+            _ => {
+                self.ram.selected = Selected::Nothing;
+                status(StatusWord::FILE_NOT_FOUND)
+            }
+        }
+    }
+
+    /// The card's real state, read directly (no APDUs).
+    pub fn view(&self) -> CardView {
+        CardView {
+            id: self.chip.id,
+            card_state: self.mem.card_state,
+            key_versions: self.mem.key_sets.iter().map(|k| k.version).collect(),
+            auth_failures: self.mem.auth_failures,
+            packages: self
+                .mem
+                .packages
+                .iter()
+                .map(|p| PackageView { aid: p.aid.clone(), version: p.version, hash: p.hash })
+                .collect(),
+            instances: self.mem.instances.iter().map(|i| (i.aid.clone(), i.state)).collect(),
+            wallet_lifecycle: self.mem.wallet.as_ref().map(|w| w.lifecycle),
+            wallet_public_key: self.mem.wallet.as_ref().and_then(|w| {
+                w.wallet_key
+                    .as_ref()
+                    .and_then(|k| SigningKey::from_slice(&k[..]).ok())
+                    .map(|k| crate::wallet::public_key_bytes(k.verifying_key()))
+            }),
+            attest_counter: self.mem.attest_counter,
+            apdus: self.apdus,
+        }
+    }
+
+    /// The key set of a version, for tests that need to authenticate as the
+    /// factory or check a rotation.
+    pub fn key_set(&self, version: u8) -> Option<crate::gp::keys::StaticKeys> {
+        self.mem.key_sets.iter().find(|k| k.version == version).map(|k| k.keys.clone())
+    }
+}
+
+impl std::fmt::Debug for EmuCard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EmuCard({} {})", self.chip.id, self.label)
+    }
+}

@@ -1,0 +1,230 @@
+//! Emulated readers: a bank of slots that hold `EmuCard`s, with the
+//! `CardReader`, `ReaderMonitor` and `Transport` seams implemented over them.
+//! The card computes its answer and its modeled latency; the transport
+//! sleeps that latency scaled by the bank's speed factor, outside any lock,
+//! so readers run truly in parallel.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::{Atr, CardReader, ReaderId, ReaderMonitor, SlotState, Transport, TransportError};
+use crate::emu::latency::scaled;
+use crate::emu::{EmuCard, Exchange};
+
+#[derive(Default)]
+struct SlotInner {
+    card: Option<EmuCard>,
+    /// A card that left the field on its own (scripted removal), waiting
+    /// for whoever handles the slot to collect it.
+    pulled: Option<EmuCard>,
+    /// Bumped on every insertion and removal, so a transport notices that
+    /// its card went away even if another arrived since.
+    generation: u64,
+}
+
+/// One emulated reader slot.
+pub struct EmuSlot {
+    id: ReaderId,
+    inner: Mutex<SlotInner>,
+    changed: Condvar,
+    speed: f64,
+    /// How long a mute card keeps the reader waiting (the reader's timeout).
+    mute_timeout: Duration,
+    modeled: Mutex<Duration>,
+}
+
+impl EmuSlot {
+    fn lock(&self) -> MutexGuard<'_, SlotInner> {
+        // A poisoned lock only means a panicking test thread held it; the
+        // slot's data is still consistent (every update is a single move).
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn id(&self) -> &ReaderId {
+        &self.id
+    }
+
+    /// Puts a card in the slot; gives it back if the slot is occupied.
+    pub fn insert(&self, mut card: EmuCard) -> Result<(), Box<EmuCard>> {
+        let mut g = self.lock();
+        if g.card.is_some() {
+            return Err(Box::new(card));
+        }
+        card.power_on();
+        g.card = Some(card);
+        g.generation += 1;
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Takes the card out of the slot (or the one that left on its own).
+    pub fn remove(&self) -> Option<EmuCard> {
+        let mut g = self.lock();
+        let card = g.card.take().or_else(|| g.pulled.take());
+        g.generation += 1;
+        self.changed.notify_all();
+        card
+    }
+
+    pub fn is_occupied(&self) -> bool {
+        self.lock().card.is_some()
+    }
+
+    /// Modeled card time spent in this slot so far (at speed 1.0).
+    pub fn modeled_time(&self) -> Duration {
+        *self.modeled.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A set of emulated readers.
+#[derive(Clone)]
+pub struct EmuBank {
+    slots: Arc<Vec<Arc<EmuSlot>>>,
+}
+
+impl EmuBank {
+    /// `n` readers named `emu-00`, `emu-01`, ...; `speed` scales the cards'
+    /// modeled latency (1.0 realistic, 0 instant).
+    pub fn new(n: usize, speed: f64, mute_timeout: Duration) -> Self {
+        let slots = (0..n)
+            .map(|i| {
+                Arc::new(EmuSlot {
+                    id: ReaderId(format!("emu-{i:02}")),
+                    inner: Mutex::new(SlotInner::default()),
+                    changed: Condvar::new(),
+                    speed,
+                    mute_timeout,
+                    modeled: Mutex::new(Duration::ZERO),
+                })
+            })
+            .collect();
+        Self { slots: Arc::new(slots) }
+    }
+
+    pub fn slots(&self) -> &[Arc<EmuSlot>] {
+        &self.slots
+    }
+
+    pub fn slot(&self, id: &ReaderId) -> Option<&Arc<EmuSlot>> {
+        self.slots.iter().find(|s| &s.id == id)
+    }
+
+    pub fn reader(&self, index: usize) -> Option<EmuReader> {
+        self.slots.get(index).map(|s| EmuReader { slot: Arc::clone(s) })
+    }
+}
+
+impl ReaderMonitor for EmuBank {
+    fn readers(&mut self) -> Result<Vec<ReaderId>, TransportError> {
+        Ok(self.slots.iter().map(|s| s.id.clone()).collect())
+    }
+
+    fn open(&mut self, id: &ReaderId) -> Result<Box<dyn CardReader>, TransportError> {
+        let slot = self.slot(id).ok_or_else(|| TransportError::ReaderUnavailable(id.to_string()))?;
+        Ok(Box::new(EmuReader { slot: Arc::clone(slot) }))
+    }
+}
+
+/// A worker's handle on one emulated slot.
+pub struct EmuReader {
+    slot: Arc<EmuSlot>,
+}
+
+impl CardReader for EmuReader {
+    fn id(&self) -> &ReaderId {
+        &self.slot.id
+    }
+
+    fn wait_change(&mut self, known: &SlotState, timeout: Duration) -> Result<SlotState, TransportError> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.slot.lock();
+        loop {
+            let now = match &g.card {
+                Some(c) => SlotState::Present { atr: Atr(c.atr().to_vec()), insertion: g.generation },
+                None => SlotState::Empty,
+            };
+            if &now != known {
+                return Ok(now);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(now);
+            }
+            g = self.slot.changed.wait_timeout(g, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+        }
+    }
+
+    fn connect(&mut self) -> Result<Box<dyn Transport + Send + '_>, TransportError> {
+        let mut g = self.slot.lock();
+        let generation = g.generation;
+        let card = g.card.as_mut().ok_or(TransportError::NoCard)?;
+        card.power_on();
+        let atr = Atr(card.atr().to_vec());
+        drop(g);
+        Ok(Box::new(EmuTransport { slot: Arc::clone(&self.slot), generation, atr }))
+    }
+}
+
+/// A connection to the card in an emulated slot.
+pub struct EmuTransport {
+    slot: Arc<EmuSlot>,
+    generation: u64,
+    atr: Atr,
+}
+
+impl EmuTransport {
+    fn sleep_modeled(&self, modeled: Duration) {
+        *self.slot.modeled.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += modeled;
+        let d = scaled(modeled, self.slot.speed);
+        if !d.is_zero() {
+            std::thread::sleep(d);
+        }
+    }
+}
+
+impl Transport for EmuTransport {
+    fn transmit_raw(&mut self, apdu: &[u8]) -> Result<Vec<u8>, TransportError> {
+        let exchange = {
+            let mut g = self.slot.lock();
+            if g.generation != self.generation {
+                return Err(TransportError::CardRemoved);
+            }
+            let card = g.card.as_mut().ok_or(TransportError::CardRemoved)?;
+            let ex = card.process(apdu);
+            if matches!(ex, Exchange::Removed { .. }) {
+                g.pulled = g.card.take();
+                g.generation += 1;
+                self.slot.changed.notify_all();
+            }
+            ex
+        };
+        match exchange {
+            Exchange::Answer { response, latency } => {
+                self.sleep_modeled(latency);
+                Ok(response)
+            }
+            Exchange::Removed { latency } => {
+                self.sleep_modeled(latency);
+                Err(TransportError::CardRemoved)
+            }
+            Exchange::Mute => {
+                self.sleep_modeled(self.slot.mute_timeout);
+                Err(TransportError::Timeout(self.slot.mute_timeout))
+            }
+        }
+    }
+
+    fn atr(&self) -> &Atr {
+        &self.atr
+    }
+
+    fn reset(&mut self) -> Result<(), TransportError> {
+        let mut g = self.slot.lock();
+        if g.generation != self.generation {
+            return Err(TransportError::CardRemoved);
+        }
+        let card = g.card.as_mut().ok_or(TransportError::CardRemoved)?;
+        card.power_on();
+        Ok(())
+    }
+}

@@ -1,0 +1,286 @@
+//! Firmware releases: a directory with a CAP file, `manifest.yaml` and
+//! `manifest.sig` (a release key's ECDSA signature over the manifest bytes).
+//! The station refuses a firmware whose signature, CAP hash, load-file hash
+//! or AIDs do not verify, before it touches any card.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use card::cap::CapFile;
+use k256::ecdsa::{SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const MANIFEST: &str = "manifest.yaml";
+pub const SIGNATURE: &str = "manifest.sig";
+/// Domain label of manifest signatures.
+const MANIFEST_DOMAIN: &[u8] = b"TAPLINE/firmware-manifest/v1";
+
+/// One applet instance the firmware installs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestApplet {
+    pub class_aid: String,
+    pub instance_aid: String,
+    /// GP privileges byte, hex.
+    pub privileges: String,
+    /// Application specific install parameters, hex (wrapped in C9).
+    pub install_params: String,
+}
+
+/// `manifest.yaml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    pub version: String,
+    /// CAP file name inside the firmware directory.
+    pub cap: String,
+    pub cap_sha256: String,
+    pub package_aid: String,
+    /// Package version as "major.minor", from the CAP Header.
+    pub package_version: String,
+    /// Load file order: whether the Descriptor component is loaded.
+    pub with_descriptor: bool,
+    /// SHA-256 of the load file (what the card reports in ATTEST).
+    pub load_file_sha256: String,
+    pub applets: Vec<ManifestApplet>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirmwareError {
+    #[error("firmware {dir}: cannot read {file}: {source}")]
+    Io {
+        dir: PathBuf,
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("firmware {dir}: {file} is malformed: {detail}")]
+    Malformed { dir: PathBuf, file: String, detail: String },
+    #[error("firmware {dir}: manifest signature does not verify against any pinned release key")]
+    BadSignature { dir: PathBuf },
+    #[error("firmware {dir}: {field} mismatch: manifest says {expected}, {actual_from} gives {actual}")]
+    Mismatch { dir: PathBuf, field: &'static str, expected: String, actual_from: &'static str, actual: String },
+    #[error("firmware {dir}: CAP file: {source}")]
+    Cap {
+        dir: PathBuf,
+        #[source]
+        source: card::cap::CapError,
+    },
+}
+
+/// A verified firmware, ready to load.
+#[derive(Clone)]
+pub struct Firmware {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub package_aid: Vec<u8>,
+    pub package_version: (u8, u8),
+    pub load_file_sha256: [u8; 32],
+    /// The C4-wrapped load file, split into LOAD blocks by the recipe.
+    pub load_file_data_block: Vec<u8>,
+    pub applets: Vec<InstallSpec>,
+}
+
+impl fmt::Debug for Firmware {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Firmware({} {} at {})", self.manifest.name, self.manifest.version, self.dir.display())
+    }
+}
+
+/// One applet instance to install, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallSpec {
+    pub class_aid: Vec<u8>,
+    pub instance_aid: Vec<u8>,
+    pub privileges: u8,
+    pub params: Vec<u8>,
+}
+
+fn manifest_digest(bytes: &[u8]) -> [u8; 32] {
+    let inner: [u8; 32] = Sha256::digest(bytes).into();
+    card::wallet::message_digest(MANIFEST_DOMAIN, &[&inner])
+}
+
+/// Signs manifest bytes with a release key (the release tool's side).
+pub fn sign_manifest(key: &SigningKey, manifest: &[u8]) -> String {
+    hex::encode(card::wallet::sign_digest(key, &manifest_digest(manifest)))
+}
+
+fn read(dir: &Path, file: &str) -> Result<Vec<u8>, FirmwareError> {
+    std::fs::read(dir.join(file)).map_err(|source| FirmwareError::Io {
+        dir: dir.to_path_buf(),
+        file: file.to_string(),
+        source,
+    })
+}
+
+fn parse_hex(dir: &Path, field: &str, s: &str) -> Result<Vec<u8>, FirmwareError> {
+    hex::decode(s.trim()).map_err(|e| FirmwareError::Malformed {
+        dir: dir.to_path_buf(),
+        file: MANIFEST.to_string(),
+        detail: format!("{field}: {e}"),
+    })
+}
+
+impl Firmware {
+    /// Loads and verifies a firmware directory against the pinned release keys.
+    pub fn load(dir: &Path, release_keys: &[VerifyingKey]) -> Result<Self, FirmwareError> {
+        let manifest_bytes = read(dir, MANIFEST)?;
+        let sig_text = read(dir, SIGNATURE)?;
+        let sig = hex::decode(String::from_utf8_lossy(&sig_text).trim()).map_err(|e| FirmwareError::Malformed {
+            dir: dir.to_path_buf(),
+            file: SIGNATURE.to_string(),
+            detail: e.to_string(),
+        })?;
+        let digest = manifest_digest(&manifest_bytes);
+        if !release_keys.iter().any(|k| card::wallet::verify_digest(k, &digest, &sig)) {
+            return Err(FirmwareError::BadSignature { dir: dir.to_path_buf() });
+        }
+        let text = String::from_utf8(manifest_bytes).map_err(|e| FirmwareError::Malformed {
+            dir: dir.to_path_buf(),
+            file: MANIFEST.to_string(),
+            detail: e.to_string(),
+        })?;
+        let manifest: Manifest = serde_saphyr::from_str(&text).map_err(|e| FirmwareError::Malformed {
+            dir: dir.to_path_buf(),
+            file: MANIFEST.to_string(),
+            detail: e.to_string().lines().next().unwrap_or_default().to_string(),
+        })?;
+        Self::from_manifest(dir, manifest)
+    }
+
+    fn from_manifest(dir: &Path, manifest: Manifest) -> Result<Self, FirmwareError> {
+        let mismatch = |field, expected: String, actual_from, actual: String| FirmwareError::Mismatch {
+            dir: dir.to_path_buf(),
+            field,
+            expected,
+            actual_from,
+            actual,
+        };
+        if manifest.cap.contains('/') || manifest.cap.contains("..") {
+            return Err(FirmwareError::Malformed {
+                dir: dir.to_path_buf(),
+                file: MANIFEST.to_string(),
+                detail: format!("cap: {:?} must be a file name inside the firmware directory", manifest.cap),
+            });
+        }
+        let cap_bytes = read(dir, &manifest.cap)?;
+        let cap_hash = hex::encode(Sha256::digest(&cap_bytes));
+        if !cap_hash.eq_ignore_ascii_case(manifest.cap_sha256.trim()) {
+            return Err(mismatch("cap_sha256", manifest.cap_sha256.clone(), "the CAP file", cap_hash));
+        }
+        let cap =
+            CapFile::from_bytes(&cap_bytes).map_err(|source| FirmwareError::Cap { dir: dir.to_path_buf(), source })?;
+        let package_aid = parse_hex(dir, "package_aid", &manifest.package_aid)?;
+        if package_aid != cap.package_aid() {
+            return Err(mismatch(
+                "package_aid",
+                manifest.package_aid.clone(),
+                "the CAP Header",
+                hex::encode_upper(cap.package_aid()),
+            ));
+        }
+        let version = format!("{}.{}", cap.package_version().0, cap.package_version().1);
+        if version != manifest.package_version {
+            return Err(mismatch("package_version", manifest.package_version.clone(), "the CAP Header", version));
+        }
+        let load_hash = cap.load_file_sha256(manifest.with_descriptor);
+        if !hex::encode(load_hash).eq_ignore_ascii_case(manifest.load_file_sha256.trim()) {
+            return Err(mismatch(
+                "load_file_sha256",
+                manifest.load_file_sha256.clone(),
+                "the CAP load file",
+                hex::encode(load_hash),
+            ));
+        }
+        let mut applets = Vec::new();
+        for (i, a) in manifest.applets.iter().enumerate() {
+            let class_aid = parse_hex(dir, &format!("applets[{i}].class_aid"), &a.class_aid)?;
+            if !cap.applet_aids().contains(&class_aid.as_slice()) {
+                return Err(mismatch(
+                    "applets.class_aid",
+                    a.class_aid.clone(),
+                    "the CAP Applet component",
+                    cap.applet_aids().iter().map(hex::encode_upper).collect::<Vec<_>>().join(","),
+                ));
+            }
+            let privileges = parse_hex(dir, &format!("applets[{i}].privileges"), &a.privileges)?;
+            let [privileges] = privileges[..] else {
+                return Err(FirmwareError::Malformed {
+                    dir: dir.to_path_buf(),
+                    file: MANIFEST.to_string(),
+                    detail: format!("applets[{i}].privileges: one byte expected"),
+                });
+            };
+            applets.push(InstallSpec {
+                class_aid,
+                instance_aid: parse_hex(dir, &format!("applets[{i}].instance_aid"), &a.instance_aid)?,
+                privileges,
+                params: parse_hex(dir, &format!("applets[{i}].install_params"), &a.install_params)?,
+            });
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            package_aid,
+            package_version: cap.package_version(),
+            load_file_sha256: load_hash,
+            load_file_data_block: cap.load_file_data_block(manifest.with_descriptor),
+            applets,
+            manifest,
+        })
+    }
+}
+
+/// Writes a firmware release directory: copies the CAP, writes the manifest
+/// and signs it (the release tool behind `station firmware pack`).
+pub fn pack(
+    cap_path: &Path,
+    out: &Path,
+    name: &str,
+    version: &str,
+    with_descriptor: bool,
+    applets: Vec<ManifestApplet>,
+    key: &SigningKey,
+) -> anyhow::Result<Manifest> {
+    let cap_bytes = std::fs::read(cap_path)?;
+    let cap = CapFile::from_bytes(&cap_bytes)?;
+    let file_name = cap_path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| anyhow::anyhow!("{}: not a file name", cap_path.display()))?
+        .to_string();
+    let applets = if applets.is_empty() {
+        cap.applet_aids()
+            .iter()
+            .map(|a| ManifestApplet {
+                class_aid: hex::encode_upper(a),
+                instance_aid: hex::encode_upper(a),
+                privileges: "00".into(),
+                install_params: String::new(),
+            })
+            .collect()
+    } else {
+        applets
+    };
+    let manifest = Manifest {
+        name: name.to_string(),
+        version: version.to_string(),
+        cap: file_name.clone(),
+        cap_sha256: hex::encode(Sha256::digest(&cap_bytes)),
+        package_aid: hex::encode_upper(cap.package_aid()),
+        package_version: format!("{}.{}", cap.package_version().0, cap.package_version().1),
+        with_descriptor,
+        load_file_sha256: hex::encode(cap.load_file_sha256(with_descriptor)),
+        applets,
+    };
+    std::fs::create_dir_all(out)?;
+    let text = serde_saphyr::to_string(&manifest)?;
+    if cap_path.canonicalize()? != out.join(&file_name).canonicalize().unwrap_or_default() {
+        std::fs::write(out.join(&file_name), &cap_bytes)?;
+    }
+    std::fs::write(out.join(MANIFEST), text.as_bytes())?;
+    std::fs::write(out.join(SIGNATURE), format!("{}\n", sign_manifest(key, text.as_bytes())))?;
+    Ok(manifest)
+}

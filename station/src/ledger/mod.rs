@@ -1,0 +1,467 @@
+//! The ledger: the station's durable record of batches, cards and every
+//! recipe step. Only this module talks SQL. One writer thread owns the write
+//! connection; callers block until their change is committed (WAL,
+//! `synchronous = FULL`), and the writer commits the requests of all readers
+//! that arrive together in one transaction (group commit), so durability
+//! costs one fsync per round, not per card.
+
+pub mod export;
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use card::CardId;
+use crossbeam_channel::{Receiver, Sender};
+use rusqlite::{Connection, OptionalExtension, params};
+
+pub use schema::SCHEMA_VERSION;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("ledger {path}: {detail}")]
+    Refused { path: PathBuf, detail: String },
+    #[error("ledger writer has stopped")]
+    WriterGone,
+}
+
+/// A card's status as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CardStatus {
+    InProgress,
+    Passed,
+    Failed,
+}
+
+impl CardStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InProgress => "in_progress",
+            Self::Passed => "passed",
+            Self::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "passed" => Self::Passed,
+            "failed" => Self::Failed,
+            _ => Self::InProgress,
+        }
+    }
+}
+
+/// What the ledger knew of a card when an attempt began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriorRecord {
+    pub status: CardStatus,
+    pub attempts: u32,
+    pub gp_key_version: Option<u8>,
+    pub card_public_key: Option<String>,
+    pub attest_counter: Option<u32>,
+}
+
+/// Columns a step may set on the card row (None = leave as is).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CardUpdate {
+    pub gp_key_version: Option<u8>,
+    pub firmware_sha256: Option<String>,
+    pub card_public_key: Option<String>,
+    pub ca_key_id: Option<String>,
+    pub attest_counter: Option<u32>,
+    pub attested: Option<bool>,
+    pub self_tests: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepEvent {
+    Intent,
+    Done,
+    Failed,
+    Refused,
+}
+
+impl StepEvent {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Intent => "intent",
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+/// A new batch.
+#[derive(Debug, Clone)]
+pub struct BatchInfo {
+    pub name: String,
+    pub profile: String,
+    pub product: String,
+    pub firmware: String,
+    pub firmware_sha256: String,
+}
+
+enum Op {
+    StartBatch(BatchInfo),
+    FinishBatch(i64),
+    BeginCard { card: CardId, reader: String, batch: i64, atr: String, cplc: String },
+    Step { card: CardId, attempt: u32, step: &'static str, event: StepEvent, detail: String, reader: String },
+    StepDone { card: CardId, attempt: u32, step: &'static str, detail: String, update: CardUpdate },
+    Pass { card: CardId, attempt: u32, stage: &'static str },
+    Fail { card: CardId, attempt: u32, step: &'static str, reason: String, detail: String, retryable: bool },
+}
+
+enum Reply {
+    Unit,
+    Id(i64),
+    Prior(Option<PriorRecord>),
+}
+
+struct Request {
+    op: Op,
+    reply: Sender<Result<Reply, String>>,
+}
+
+/// The writer handle: cheap to clone, one per worker.
+#[derive(Clone)]
+pub struct Ledger {
+    tx: Sender<Request>,
+    path: PathBuf,
+}
+
+/// Owns the writer thread; dropping every `Ledger` and calling `close`
+/// stops it after the last commit.
+pub struct LedgerWriter {
+    handle: JoinHandle<()>,
+}
+
+impl LedgerWriter {
+    pub fn close(self) {
+        let _ = self.handle.join();
+    }
+}
+
+fn now() -> String {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    format_utc(d.as_secs(), d.subsec_millis())
+}
+
+/// RFC 3339 UTC timestamp with milliseconds, without a date crate.
+pub fn format_utc(secs: u64, millis: u32) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+pub(crate) fn open_connection(path: &Path) -> Result<Connection, LedgerError> {
+    let sql = |source| LedgerError::Sqlite { path: path.to_path_buf(), source };
+    let conn = Connection::open(path).map_err(sql)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sql)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
+    Ok(conn)
+}
+
+impl Ledger {
+    /// Opens (creating and migrating) the ledger file and starts its writer.
+    pub fn open(path: &Path) -> Result<(Ledger, LedgerWriter), LedgerError> {
+        let mut conn = open_connection(path)?;
+        schema::migrate(&mut conn)
+            .map_err(|source| LedgerError::Sqlite { path: path.to_path_buf(), source })?
+            .map_err(|detail| LedgerError::Refused { path: path.to_path_buf(), detail })?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let thread_path = path.to_path_buf();
+        let handle = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || writer(conn, rx, thread_path))
+            .map_err(|e| LedgerError::Refused { path: path.to_path_buf(), detail: e.to_string() })?;
+        Ok((Ledger { tx, path: path.to_path_buf() }, LedgerWriter { handle }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn call(&self, op: Op) -> Result<Reply, LedgerError> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.tx.send(Request { op, reply }).map_err(|_| LedgerError::WriterGone)?;
+        rx.recv()
+            .map_err(|_| LedgerError::WriterGone)?
+            .map_err(|detail| LedgerError::Refused { path: self.path.clone(), detail })
+    }
+
+    pub fn start_batch(&self, info: BatchInfo) -> Result<i64, LedgerError> {
+        match self.call(Op::StartBatch(info))? {
+            Reply::Id(id) => Ok(id),
+            _ => Err(LedgerError::WriterGone),
+        }
+    }
+
+    pub fn finish_batch(&self, batch: i64) -> Result<(), LedgerError> {
+        self.call(Op::FinishBatch(batch)).map(|_| ())
+    }
+
+    /// Records the start of an attempt on a card (creating its row on first
+    /// sight) and returns what was known before. A card already passed is
+    /// left untouched.
+    pub fn begin_card(
+        &self,
+        card: CardId,
+        reader: &str,
+        batch: i64,
+        atr: &str,
+        cplc: &str,
+    ) -> Result<Option<PriorRecord>, LedgerError> {
+        let op =
+            Op::BeginCard { card, reader: reader.to_string(), batch, atr: atr.to_string(), cplc: cplc.to_string() };
+        match self.call(op)? {
+            Reply::Prior(p) => Ok(p),
+            _ => Err(LedgerError::WriterGone),
+        }
+    }
+
+    pub fn step(
+        &self,
+        card: CardId,
+        attempt: u32,
+        step: &'static str,
+        event: StepEvent,
+        detail: &str,
+        reader: &str,
+    ) -> Result<(), LedgerError> {
+        self.call(Op::Step { card, attempt, step, event, detail: detail.to_string(), reader: reader.to_string() })
+            .map(|_| ())
+    }
+
+    /// Records a step's success together with what it established.
+    pub fn step_done(
+        &self,
+        card: CardId,
+        attempt: u32,
+        step: &'static str,
+        detail: &str,
+        update: CardUpdate,
+    ) -> Result<(), LedgerError> {
+        self.call(Op::StepDone { card, attempt, step, detail: detail.to_string(), update }).map(|_| ())
+    }
+
+    /// Marks the card passed at `stage` and allocates its serial.
+    pub fn pass(&self, card: CardId, attempt: u32, stage: &'static str) -> Result<i64, LedgerError> {
+        match self.call(Op::Pass { card, attempt, stage })? {
+            Reply::Id(serial) => Ok(serial),
+            _ => Err(LedgerError::WriterGone),
+        }
+    }
+
+    pub fn fail(
+        &self,
+        card: CardId,
+        attempt: u32,
+        step: &'static str,
+        reason: &str,
+        detail: &str,
+        retryable: bool,
+    ) -> Result<(), LedgerError> {
+        self.call(Op::Fail { card, attempt, step, reason: reason.to_string(), detail: detail.to_string(), retryable })
+            .map(|_| ())
+    }
+}
+
+/// The most requests committed together in one transaction.
+const GROUP_LIMIT: usize = 512;
+
+fn writer(mut conn: Connection, rx: Receiver<Request>, path: PathBuf) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < GROUP_LIMIT {
+            match rx.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        let ts = now();
+        let mut results: Vec<Result<Reply, String>> = Vec::with_capacity(group.len());
+        let committed = (|| -> rusqlite::Result<()> {
+            let mut tx = conn.transaction()?;
+            for req in &group {
+                // Each request in its own savepoint: one refused request
+                // does not undo the others in the group.
+                let mut sp = tx.savepoint()?;
+                let r = apply(&sp, &req.op, &ts);
+                match r {
+                    Ok(reply) => {
+                        sp.commit()?;
+                        results.push(Ok(reply));
+                    }
+                    Err(e) => {
+                        sp.rollback()?;
+                        drop(sp);
+                        results.push(Err(e.to_string()));
+                    }
+                }
+            }
+            tx.set_drop_behavior(rusqlite::DropBehavior::Commit);
+            tx.commit()
+        })();
+        match committed {
+            Ok(()) => {
+                for (req, r) in group.into_iter().zip(results) {
+                    let _ = req.reply.send(r);
+                }
+            }
+            Err(e) => {
+                tracing::error!(ledger = %path.display(), error = %e, "ledger commit failed");
+                for req in group {
+                    let _ = req.reply.send(Err(format!("commit failed: {e}")));
+                }
+            }
+        }
+    }
+}
+
+fn apply(tx: &Connection, op: &Op, ts: &str) -> rusqlite::Result<Reply> {
+    match op {
+        Op::StartBatch(b) => {
+            tx.execute(
+                "INSERT INTO batches (name, profile, product, firmware, firmware_sha256, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![b.name, b.profile, b.product, b.firmware, b.firmware_sha256, ts],
+            )?;
+            Ok(Reply::Id(tx.last_insert_rowid()))
+        }
+        Op::FinishBatch(id) => {
+            tx.execute("UPDATE batches SET finished_at = ?1 WHERE id = ?2", params![ts, id])?;
+            Ok(Reply::Unit)
+        }
+        Op::BeginCard { card, reader, batch, atr, cplc } => {
+            let id = card.to_hex();
+            let prior = tx
+                .query_row(
+                    "SELECT status, attempts, gp_key_version, card_public_key, attest_counter FROM cards WHERE card_id = ?1",
+                    [&id],
+                    |r| {
+                        Ok(PriorRecord {
+                            status: CardStatus::parse(&r.get::<_, String>(0)?),
+                            attempts: r.get::<_, i64>(1)? as u32,
+                            gp_key_version: r.get::<_, Option<i64>>(2)?.map(|v| v as u8),
+                            card_public_key: r.get(3)?,
+                            attest_counter: r.get::<_, Option<i64>>(4)?.map(|v| v as u32),
+                        })
+                    },
+                )
+                .optional()?;
+            match &prior {
+                Some(p) if p.status == CardStatus::Passed => {}
+                Some(_) => {
+                    tx.execute(
+                        "UPDATE cards SET status = 'in_progress', attempts = attempts + 1, reader = ?2, batch_id = ?3,
+                         atr = ?4, failed_step = NULL, failure_reason = NULL, failure_detail = NULL, retryable = NULL,
+                         current_step = NULL, updated_at = ?5 WHERE card_id = ?1",
+                        params![id, reader, batch, atr, ts],
+                    )?;
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO cards (card_id, status, batch_id, reader, attempts, atr, cplc, first_seen, updated_at)
+                         VALUES (?1, 'in_progress', ?2, ?3, 1, ?4, ?5, ?6, ?6)",
+                        params![id, batch, reader, atr, cplc, ts],
+                    )?;
+                }
+            }
+            Ok(Reply::Prior(prior))
+        }
+        Op::Step { card, attempt, step, event, detail, reader } => {
+            tx.execute(
+                "INSERT INTO steps (card_id, attempt, step, event, detail, reader, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![card.to_hex(), attempt, step, event.as_str(), detail, reader, ts],
+            )?;
+            if *event == StepEvent::Intent {
+                tx.execute(
+                    "UPDATE cards SET current_step = ?2, updated_at = ?3 WHERE card_id = ?1 AND status = 'in_progress'",
+                    params![card.to_hex(), step, ts],
+                )?;
+            }
+            Ok(Reply::Unit)
+        }
+        Op::StepDone { card, attempt, step, detail, update } => {
+            let id = card.to_hex();
+            tx.execute(
+                "INSERT INTO steps (card_id, attempt, step, event, detail, at) VALUES (?1, ?2, ?3, 'done', ?4, ?5)",
+                params![id, attempt, step, detail, ts],
+            )?;
+            tx.execute(
+                "UPDATE cards SET
+                    gp_key_version = COALESCE(?2, gp_key_version),
+                    firmware_sha256 = COALESCE(?3, firmware_sha256),
+                    card_public_key = COALESCE(?4, card_public_key),
+                    ca_key_id = COALESCE(?5, ca_key_id),
+                    attest_counter = COALESCE(?6, attest_counter),
+                    attested = COALESCE(?7, attested),
+                    self_tests = COALESCE(?8, self_tests),
+                    updated_at = ?9
+                 WHERE card_id = ?1",
+                params![
+                    id,
+                    update.gp_key_version,
+                    update.firmware_sha256,
+                    update.card_public_key,
+                    update.ca_key_id,
+                    update.attest_counter,
+                    update.attested,
+                    update.self_tests,
+                    ts
+                ],
+            )?;
+            Ok(Reply::Unit)
+        }
+        Op::Pass { card, attempt, stage } => {
+            let id = card.to_hex();
+            let status: String = tx.query_row("SELECT status FROM cards WHERE card_id = ?1", [&id], |r| r.get(0))?;
+            if status != "in_progress" {
+                return Err(rusqlite::Error::InvalidParameterName(format!("card {id} is {status}, not in progress")));
+            }
+            let serial: i64 = tx.query_row("SELECT COALESCE(MAX(serial), 0) + 1 FROM cards", [], |r| r.get(0))?;
+            tx.execute(
+                "UPDATE cards SET status = 'passed', stage = ?2, serial = ?3, current_step = NULL, updated_at = ?4 WHERE card_id = ?1",
+                params![id, stage, serial, ts],
+            )?;
+            tx.execute(
+                "INSERT INTO steps (card_id, attempt, step, event, detail, at) VALUES (?1, ?2, 'record', 'done', ?3, ?4)",
+                params![id, attempt, format!("serial {serial}"), ts],
+            )?;
+            Ok(Reply::Id(serial))
+        }
+        Op::Fail { card, attempt, step, reason, detail, retryable } => {
+            let id = card.to_hex();
+            tx.execute(
+                "INSERT INTO steps (card_id, attempt, step, event, detail, at) VALUES (?1, ?2, ?3, 'failed', ?4, ?5)",
+                params![id, attempt, step, format!("{reason}: {detail}"), ts],
+            )?;
+            tx.execute(
+                "UPDATE cards SET status = 'failed', failed_step = ?2, failure_reason = ?3, failure_detail = ?4,
+                 retryable = ?5, current_step = NULL, updated_at = ?6 WHERE card_id = ?1 AND status != 'passed'",
+                params![id, step, reason, detail, retryable, ts],
+            )?;
+            Ok(Reply::Unit)
+        }
+    }
+}

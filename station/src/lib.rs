@@ -1,0 +1,12 @@
+//! The Tapline provisioning station: profiles, firmware releases, the
+//! per-card recipe, reader workers and batches, the ledger, the emulated
+//! line. The `station` binary is a thin CLI over this library.
+
+pub mod batch;
+pub mod firmware;
+pub mod handler;
+pub mod ledger;
+pub mod profile;
+pub mod recipe;
+pub mod sim;
+pub mod worker;

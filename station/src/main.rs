@@ -1,0 +1,428 @@
+//! `station`: the Tapline provisioning station's command line.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use station::batch::{self, Summary};
+use station::firmware::{self, Firmware};
+use station::handler::EmuFeeder;
+use station::ledger::{BatchInfo, Ledger, export};
+use station::profile::Profile;
+use station::recipe::{Progress, Recipe};
+use station::sim::{self, SimFaults};
+use station::worker::{Event, LaneState};
+
+#[derive(Parser)]
+#[command(name = "station", version, about = "Tapline provisioning station")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a batch: provision cards on readers until COUNT reached a final state.
+    Run(RunArgs),
+    /// Read the ledger.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// Inspect, verify and pack firmware.
+    Firmware {
+        #[command(subcommand)]
+        command: FirmwareCommand,
+    },
+    /// Validate profiles.
+    Profile {
+        #[command(subcommand)]
+        command: ProfileCommand,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The profile (YAML) to provision with.
+    #[arg(long)]
+    profile: PathBuf,
+    /// Run on N emulated readers (the emulated feeder supplies the cards).
+    #[arg(long, value_name = "N")]
+    sim: usize,
+    /// Cards to take to a final state.
+    #[arg(long, value_name = "COUNT")]
+    cards: usize,
+    /// Emulated card speed: 1.0 = realistic latency, 0 = instant.
+    #[arg(long, default_value_t = 1.0, value_name = "F")]
+    card_speed: f64,
+    /// The SQLite ledger file.
+    #[arg(long, default_value = "tapline-ledger.db")]
+    ledger: PathBuf,
+    /// Plain progress lines instead of the terminal dashboard.
+    #[arg(long)]
+    headless: bool,
+    /// Faulty cards to mix in, e.g. counterfeit=0.05,tear=0.05,selftest=0.02.
+    #[arg(long, default_value = "", value_name = "SPEC")]
+    sim_faults: String,
+    /// Seed of the emulated chip factory (random when absent; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Batch name for the ledger (default: derived from the time).
+    #[arg(long)]
+    batch: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Export cards and bundles.
+    Export {
+        #[arg(long, default_value = "tapline-ledger.db")]
+        ledger: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Json,
+    Csv,
+}
+
+#[derive(Subcommand)]
+enum FirmwareCommand {
+    /// Show a CAP file's package, applets, components and load file hash.
+    Inspect {
+        cap: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        with_descriptor: bool,
+    },
+    /// Check a firmware directory's manifest signature and hashes.
+    Verify {
+        dir: PathBuf,
+        /// Pinned release public key (hex); repeatable.
+        #[arg(long = "release-key")]
+        release_keys: Vec<String>,
+        /// Take the pinned release keys from this profile.
+        #[arg(long)]
+        profile: Option<PathBuf>,
+    },
+    /// Make a release signing key pair: FILE (private, hex) and FILE.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make a signed firmware release directory from a CAP file.
+    Pack {
+        #[arg(long)]
+        cap: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// Release signing key file (hex private key).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        with_descriptor: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// Validate a profile and its firmware.
+    Check { file: PathBuf },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("station: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => run_batch(args),
+        Command::Ledger { command: LedgerCommand::Export { ledger, format, out } } => {
+            let doc = export::export(&ledger)?;
+            let text = match format {
+                Format::Json => serde_json::to_string_pretty(&doc)? + "\n",
+                Format::Csv => export::cards_csv(&doc),
+            };
+            match out {
+                Some(p) => std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?,
+                None => std::io::stdout().write_all(text.as_bytes())?,
+            }
+            Ok(())
+        }
+        Command::Firmware { command } => firmware_command(command),
+        Command::Profile { command: ProfileCommand::Check { file } } => {
+            let profile = Profile::load(&file)?;
+            let fw = Firmware::load(&profile.firmware_dir, &profile.release_keys)?;
+            println!(
+                "{}: ok ({}; firmware {} {}, load file {}; GP {:?}, factory keys {:02X}{}; {} pinned CA(s))",
+                file.display(),
+                profile.product,
+                fw.manifest.name,
+                fw.manifest.version,
+                hex::encode(fw.load_file_sha256),
+                profile.security_level,
+                profile.factory_version,
+                profile
+                    .rotation
+                    .as_ref()
+                    .map(|r| format!(", rotation to {:02X} ({})", r.version, r.diversification))
+                    .unwrap_or_default(),
+                profile.vendor_cas.len()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn firmware_command(command: FirmwareCommand) -> anyhow::Result<()> {
+    match command {
+        FirmwareCommand::Inspect { cap, json, with_descriptor } => {
+            let c = card::cap::CapFile::from_path(&cap).with_context(|| format!("{}", cap.display()))?;
+            let components: Vec<(String, usize)> =
+                c.components().map(|(k, bytes)| (k.file_name().to_string(), bytes.len())).collect();
+            let load_len = c.load_file_len(with_descriptor);
+            let hash = hex::encode(c.load_file_sha256(with_descriptor));
+            if json {
+                let doc = serde_json::json!({
+                    "file": cap.display().to_string(),
+                    "package_aid": hex::encode_upper(c.package_aid()),
+                    "package_version": format!("{}.{}", c.package_version().0, c.package_version().1),
+                    "package_name": c.package_name(),
+                    "cap_format": format!("{}.{}", c.format_version().0, c.format_version().1),
+                    "applet_aids": c.applet_aids().iter().map(hex::encode_upper).collect::<Vec<_>>(),
+                    "components": components.iter().map(|(n, s)| serde_json::json!({"name": n, "size": s})).collect::<Vec<_>>(),
+                    "with_descriptor": with_descriptor,
+                    "load_file_size": load_len,
+                    "load_file_sha256": hash,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                println!("file:             {}", cap.display());
+                println!("package AID:      {}", hex::encode_upper(c.package_aid()));
+                println!("package version:  {}.{}", c.package_version().0, c.package_version().1);
+                println!("package name:     {}", c.package_name().unwrap_or("(none)"));
+                println!("CAP format:       {}.{}", c.format_version().0, c.format_version().1);
+                for a in c.applet_aids() {
+                    println!("applet AID:       {}", hex::encode_upper(a));
+                }
+                println!("components:");
+                for (n, s) in &components {
+                    println!("  {n:<18} {s:>7} bytes");
+                }
+                println!(
+                    "load file:        {load_len} bytes ({} Descriptor)",
+                    if with_descriptor { "with" } else { "without" }
+                );
+                println!("load file SHA-256: {hash}");
+            }
+            Ok(())
+        }
+        FirmwareCommand::Verify { dir, release_keys, profile } => {
+            let mut keys = Vec::new();
+            for k in &release_keys {
+                let bytes = hex::decode(k.trim()).with_context(|| format!("--release-key {k:?}"))?;
+                keys.push(
+                    k256::ecdsa::VerifyingKey::from_sec1_bytes(&bytes)
+                        .map_err(|_| anyhow::anyhow!("--release-key {k:?} is not a secp256k1 public key"))?,
+                );
+            }
+            if let Some(p) = profile {
+                keys.extend(Profile::load(&p)?.release_keys);
+            }
+            if keys.is_empty() {
+                bail!("give the pinned release keys: --release-key HEX or --profile FILE");
+            }
+            let fw = Firmware::load(&dir, &keys)?;
+            println!(
+                "{}: ok: {} {}, package {} {}.{}, load file {} ({} blocks at 240 bytes), signature verified",
+                dir.display(),
+                fw.manifest.name,
+                fw.manifest.version,
+                fw.manifest.package_aid,
+                fw.package_version.0,
+                fw.package_version.1,
+                hex::encode(fw.load_file_sha256),
+                fw.load_file_data_block.len().div_ceil(240)
+            );
+            Ok(())
+        }
+        FirmwareCommand::Keygen { out } => {
+            if out.exists() {
+                bail!("{} exists; refusing to overwrite a signing key", out.display());
+            }
+            let sk = loop {
+                let mut b = zeroize::Zeroizing::new([0u8; 32]);
+                getrandom::fill(&mut *b)?;
+                if let Ok(k) = k256::ecdsa::SigningKey::from_slice(&*b) {
+                    break k;
+                }
+            };
+            let public = hex::encode_upper(card::wallet::public_key_bytes(sk.verifying_key()));
+            let secret = zeroize::Zeroizing::new(hex::encode(sk.to_bytes()));
+            write_private(&out, &format!("# Tapline firmware release signing key (secp256k1, hex)\n{}\n", *secret))?;
+            let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+            std::fs::write(&pub_path, format!("{public}\n"))?;
+            println!("{}: private key written; public key {public} in {}", out.display(), pub_path.display());
+            Ok(())
+        }
+        FirmwareCommand::Pack { cap, out, name, version, key, with_descriptor } => {
+            let sk = read_signing_key(&key)?;
+            let m = firmware::pack(&cap, &out, &name, &version, with_descriptor, Vec::new(), &sk)?;
+            println!("{}: {} {} signed, load file {}", out.display(), m.name, m.version, m.load_file_sha256);
+            Ok(())
+        }
+    }
+}
+
+/// Reads a hex private key file; lines starting with `#` are comments.
+fn read_signing_key(path: &Path) -> anyhow::Result<k256::ecdsa::SigningKey> {
+    let text =
+        zeroize::Zeroizing::new(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?);
+    let hex_text: String = text.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<String>();
+    let bytes = zeroize::Zeroizing::new(
+        hex::decode(hex_text.trim()).map_err(|_| anyhow::anyhow!("{}: not a hex private key", path.display()))?,
+    );
+    k256::ecdsa::SigningKey::from_slice(&bytes)
+        .map_err(|_| anyhow::anyhow!("{}: not a secp256k1 private key", path.display()))
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn default_batch_name() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("batch-{}", station::ledger::format_utc(now.as_secs(), 0).trim_end_matches(".000Z").replace(':', ""))
+}
+
+fn run_batch(args: RunArgs) -> anyhow::Result<()> {
+    let faults: SimFaults = args.sim_faults.parse()?;
+    if args.sim == 0 {
+        bail!("--sim must be at least 1 reader");
+    }
+    if !(0.0..=100.0).contains(&args.card_speed) {
+        bail!("--card-speed {} is outside 0..=100", args.card_speed);
+    }
+    let profile = Arc::new(Profile::load(&args.profile)?);
+    let fw = Arc::new(Firmware::load(&profile.firmware_dir, &profile.release_keys)?);
+    let (ledger, writer) = Ledger::open(&args.ledger)?;
+    let name = args.batch.clone().unwrap_or_else(default_batch_name);
+    let batch_id = ledger.start_batch(BatchInfo {
+        name: name.clone(),
+        profile: args.profile.display().to_string(),
+        product: profile.product.clone(),
+        firmware: format!("{} {}", fw.manifest.name, fw.manifest.version),
+        firmware_sha256: hex::encode(fw.load_file_sha256),
+    })?;
+    let seed = args.seed.unwrap_or_else(|| {
+        let mut b = [0u8; 8];
+        let _ = getrandom::fill(&mut b);
+        u64::from_be_bytes(b) >> 16
+    });
+    let bank = card::transport::emu::EmuBank::new(args.sim, args.card_speed, profile.timeouts.apdu);
+    let cards = sim::make_cards(args.cards, seed, &faults);
+    let feeder = Arc::new(EmuFeeder::new(bank.clone(), cards));
+    feeder.fill();
+    let readers: Vec<Box<dyn card::transport::CardReader>> = (0..args.sim)
+        .filter_map(|i| bank.reader(i))
+        .map(|r| Box::new(r) as Box<dyn card::transport::CardReader>)
+        .collect();
+    let recipe = Arc::new(Recipe::new(Arc::clone(&profile), Arc::clone(&fw), ledger.clone(), batch_id));
+    println!(
+        "batch {name}: {} cards on {} emulated readers, card speed {}, seed {seed}{}; ledger {}",
+        args.cards,
+        args.sim,
+        args.card_speed,
+        if faults.rates.is_empty() { String::new() } else { format!(", faults {faults}") },
+        args.ledger.display()
+    );
+    if !args.headless && std::io::stdout().is_terminal() {
+        println!("(the terminal dashboard is not built yet; printing progress lines)");
+    }
+    let total = args.cards;
+    let mut done = 0usize;
+    let summary = batch::run(readers, recipe, feeder, total, |ev| print_event(ev, &mut done, total))?;
+    ledger.finish_batch(batch_id)?;
+    drop(ledger);
+    writer.close();
+    print_summary(&summary, &args.ledger);
+    Ok(())
+}
+
+fn print_event(ev: &Event, done: &mut usize, total: usize) {
+    match ev {
+        Event::Outcome(o) => {
+            *done += 1;
+            let id = o.card_id.map_or_else(|| "(unidentified)".to_string(), |c| c.to_hex());
+            match &o.result {
+                Ok(serial) => println!(
+                    "[{:>3}/{total}] {:<7} {id} PASS  serial {serial:<5} {:>6.1}s",
+                    *done,
+                    o.reader.as_str(),
+                    o.elapsed.as_secs_f64()
+                ),
+                Err(f) => println!(
+                    "[{:>3}/{total}] {:<7} {id} FAIL  {}: {}{} {:>6.1}s",
+                    *done,
+                    o.reader.as_str(),
+                    f.step,
+                    f.reason,
+                    if f.retryable { " (retryable)" } else { "" },
+                    o.elapsed.as_secs_f64()
+                ),
+            }
+        }
+        Event::Lane { reader, state: LaneState::ReaderError(e) } => println!("{reader}: reader error: {e}"),
+        Event::Fatal { reader, error } => println!("{reader}: FATAL {error}"),
+        Event::Progress { progress: Progress::Load { .. }, .. } | Event::Progress { .. } | Event::Lane { .. } => {}
+    }
+}
+
+fn print_summary(s: &Summary, ledger: &Path) {
+    println!();
+    println!("summary: {} cards in {:.1}s on {} readers", s.outcomes.len(), s.elapsed.as_secs_f64(), s.readers);
+    println!("  passed:           {}", s.passed());
+    println!("  failed:           {}", s.failed());
+    println!("  first-pass yield: {:.1}%", s.first_pass_yield() * 100.0);
+    println!("  throughput:       {:.0} cards/hour", s.cards_per_hour());
+    let failures = s.failures();
+    if !failures.is_empty() {
+        println!("  failures by step and reason:");
+        for ((step, reason), n) in failures {
+            println!("    {n:>4}  {step:<13} {reason}");
+        }
+    }
+    println!("  ledger:           {} (station ledger export --ledger {})", ledger.display(), ledger.display());
+}

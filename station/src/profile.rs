@@ -1,0 +1,513 @@
+//! Profiles: the YAML that tells the station what to make (product,
+//! firmware, GP keys and security level, key rotation, pinned CAs,
+//! self-tests, timeouts). Parsed with unknown keys rejected, then validated
+//! as a whole: every problem is reported with file, line and field. Secrets
+//! (GP keys) may be given inline (demo only), or as `env:NAME` or
+//! `file:PATH`, and are never printed.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use card::gp::keys::{AesKey, Diversification, StaticKeys};
+use card::gp::scp03::SecurityLevel;
+use card::gp::session::{KeyRing, KeySource};
+use k256::ecdsa::VerifyingKey;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// One problem in a profile, with its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: u64,
+    pub column: u64,
+    pub field: String,
+    pub message: String,
+}
+
+/// Every problem found in one profile file.
+#[derive(Debug, thiserror::Error)]
+pub struct ProfileError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ProfileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "profile {} has {} problem(s):", self.file.display(), self.problems.len())?;
+        for p in &self.problems {
+            if p.line > 0 {
+                write!(f, "\n  {}:{}:{}: {}: {}", self.file.display(), p.line, p.column, p.field, p.message)?;
+            } else {
+                write!(f, "\n  {}: {}: {}", self.file.display(), p.field, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---- the file as written -------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    product: Spanned<String>,
+    firmware: RawFirmware,
+    gp: RawGp,
+    attestation: RawAttestation,
+    #[serde(default)]
+    self_tests: RawSelfTests,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFirmware {
+    /// Firmware directory, relative to the profile file.
+    dir: Spanned<String>,
+    /// Pinned release public keys (compressed SEC1, hex).
+    release_keys: Vec<Spanned<String>>,
+    #[serde(default = "default_block_size")]
+    load_block_size: Spanned<u32>,
+}
+
+fn default_block_size() -> Spanned<u32> {
+    Spanned::new(DEFAULT_LOAD_BLOCK, serde_saphyr::Location::UNKNOWN, serde_saphyr::Location::UNKNOWN)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGp {
+    security_level: Spanned<String>,
+    factory_keys: RawKeySet,
+    #[serde(default)]
+    rotation: Option<RawRotation>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeySet {
+    version: Spanned<u32>,
+    /// `default` (the GP test keys 40..4F) or one key for all three roles.
+    #[serde(default)]
+    key: Option<Spanned<String>>,
+    #[serde(default)]
+    enc: Option<Spanned<String>>,
+    #[serde(default)]
+    mac: Option<Spanned<String>>,
+    #[serde(default)]
+    dek: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRotation {
+    enabled: bool,
+    version: Spanned<u32>,
+    diversification: Spanned<String>,
+    master: RawKeySetNoVersion,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeySetNoVersion {
+    #[serde(default)]
+    key: Option<Spanned<String>>,
+    #[serde(default)]
+    enc: Option<Spanned<String>>,
+    #[serde(default)]
+    mac: Option<Spanned<String>>,
+    #[serde(default)]
+    dek: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttestation {
+    /// Pinned card vendor CA public keys (compressed SEC1, hex).
+    vendor_cas: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSelfTests {
+    #[serde(default = "yes")]
+    kat: bool,
+    #[serde(default = "default_signatures")]
+    signatures: Spanned<u32>,
+    #[serde(default = "default_rng_bytes")]
+    rng_bytes: Spanned<u32>,
+    #[serde(default = "default_memory_bytes")]
+    memory_bytes: Spanned<u32>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn unspanned<T>(v: T) -> Spanned<T> {
+    Spanned::new(v, serde_saphyr::Location::UNKNOWN, serde_saphyr::Location::UNKNOWN)
+}
+fn default_signatures() -> Spanned<u32> {
+    unspanned(5)
+}
+fn default_rng_bytes() -> Spanned<u32> {
+    unspanned(256)
+}
+fn default_memory_bytes() -> Spanned<u32> {
+    unspanned(1024)
+}
+
+impl Default for RawSelfTests {
+    fn default() -> Self {
+        Self {
+            kat: true,
+            signatures: default_signatures(),
+            rng_bytes: default_rng_bytes(),
+            memory_bytes: default_memory_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    #[serde(default = "default_apdu_ms")]
+    apdu_ms: Spanned<u32>,
+    #[serde(default = "default_card_s")]
+    card_s: Spanned<u32>,
+}
+
+fn default_apdu_ms() -> Spanned<u32> {
+    unspanned(5_000)
+}
+fn default_card_s() -> Spanned<u32> {
+    unspanned(120)
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        Self { apdu_ms: default_apdu_ms(), card_s: default_card_s() }
+    }
+}
+
+// ---- the validated profile ---------------------------------------------
+
+pub const DEFAULT_LOAD_BLOCK: u32 = 240;
+/// LOAD data must leave room in a short APDU for the C-MAC (8 bytes) and,
+/// with C-DECRYPTION, up to 16 bytes of padding: 255 - 8 - 16.
+pub const MAX_LOAD_BLOCK: u32 = 231;
+
+/// Key rotation: replace the factory keys with per-card keys.
+#[derive(Clone)]
+pub struct Rotation {
+    pub version: u8,
+    pub master: StaticKeys,
+    pub diversification: Diversification,
+}
+
+impl fmt::Debug for Rotation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Rotation(version {:02X}, {:?}, master {:?})", self.version, self.diversification, self.master)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SelfTests {
+    pub kat: bool,
+    pub signatures: u32,
+    pub rng_bytes: usize,
+    pub memory_bytes: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub apdu: Duration,
+    pub card: Duration,
+}
+
+/// A validated profile.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub path: PathBuf,
+    pub product: String,
+    pub firmware_dir: PathBuf,
+    pub release_keys: Vec<VerifyingKey>,
+    pub load_block_size: usize,
+    pub security_level: SecurityLevel,
+    pub factory_version: u8,
+    pub factory_keys: StaticKeys,
+    pub rotation: Option<Rotation>,
+    pub vendor_cas: Vec<VerifyingKey>,
+    pub self_tests: SelfTests,
+    pub timeouts: Timeouts,
+}
+
+impl Profile {
+    /// The key sets the station may meet on a card: the factory set and,
+    /// with rotation, the per-card set.
+    pub fn key_ring(&self) -> KeyRing {
+        let ring = KeyRing::new().with(self.factory_version, KeySource::Static(self.factory_keys.clone()));
+        match &self.rotation {
+            Some(r) => {
+                ring.with(r.version, KeySource::Diversified { master: r.master.clone(), scheme: r.diversification })
+            }
+            None => ring,
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ProfileError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ProfileError {
+            file: path.to_path_buf(),
+            problems: vec![Problem { line: 0, column: 0, field: "(file)".into(), message: e.to_string() }],
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates profile text; `path` names it in errors and
+    /// anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ProfileError> {
+        let raw: RawProfile = serde_saphyr::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            ProfileError {
+                file: path.to_path_buf(),
+                problems: vec![Problem { line, column, field: "(structure)".into(), message: first_line(&e) }],
+            }
+        })?;
+        let mut v = Validator { problems: Vec::new(), base: path.parent().unwrap_or(Path::new(".")).to_path_buf() };
+        let profile = v.profile(raw, path);
+        match profile {
+            Some(p) if v.problems.is_empty() => Ok(p),
+            _ => Err(ProfileError { file: path.to_path_buf(), problems: v.problems }),
+        }
+    }
+}
+
+fn first_line(e: &impl fmt::Display) -> String {
+    let s = e.to_string();
+    s.lines().next().unwrap_or("invalid YAML").trim().to_string()
+}
+
+struct Validator {
+    problems: Vec<Problem>,
+    base: PathBuf,
+}
+
+impl Validator {
+    fn problem<T>(&mut self, at: &Spanned<T>, field: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            line: at.referenced.line(),
+            column: at.referenced.column(),
+            field: field.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn u8_field(&mut self, v: &Spanned<u32>, field: &str, range: std::ops::RangeInclusive<u32>) -> Option<u8> {
+        if range.contains(&v.value) {
+            Some(v.value as u8)
+        } else {
+            self.problem(v, field, format!("{} is outside {}..={}", v.value, range.start(), range.end()));
+            None
+        }
+    }
+
+    fn public_key(&mut self, v: &Spanned<String>, field: &str) -> Option<VerifyingKey> {
+        match hex::decode(v.value.trim()).ok().and_then(|b| VerifyingKey::from_sec1_bytes(&b).ok()) {
+            Some(k) => Some(k),
+            None => {
+                self.problem(v, field, "not a secp256k1 public key in hex (SEC1, 33 or 65 bytes)");
+                None
+            }
+        }
+    }
+
+    /// A key given as hex, `env:NAME` or `file:PATH`.
+    fn secret_key(&mut self, v: &Spanned<String>, field: &str) -> Option<AesKey> {
+        let s = v.value.trim();
+        let text = if let Some(name) = s.strip_prefix("env:") {
+            match std::env::var(name) {
+                Ok(t) => t,
+                Err(_) => {
+                    self.problem(v, field, format!("environment variable {name} is not set"));
+                    return None;
+                }
+            }
+        } else if let Some(file) = s.strip_prefix("file:") {
+            match std::fs::read_to_string(self.base.join(file)) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.problem(v, field, format!("cannot read key file {file}: {e}"));
+                    return None;
+                }
+            }
+        } else {
+            s.to_string()
+        };
+        match AesKey::from_hex(text.trim()) {
+            Ok(k) => Some(k),
+            // The message must not echo the value: it may be a secret.
+            Err(_) => {
+                self.problem(v, field, "not an AES-128 key (32 hex digits)");
+                None
+            }
+        }
+    }
+
+    fn key_set(
+        &mut self,
+        key: &Option<Spanned<String>>,
+        parts: [&Option<Spanned<String>>; 3],
+        field: &str,
+        at: &Spanned<u32>,
+        allow_default: bool,
+    ) -> Option<StaticKeys> {
+        match (key, parts) {
+            (Some(k), [None, None, None]) if allow_default && k.value.trim() == "default" => {
+                Some(StaticKeys::gp_default())
+            }
+            (Some(k), [None, None, None]) => self.secret_key(k, &format!("{field}.key")).map(StaticKeys::from_single),
+            (None, [Some(e), Some(m), Some(d)]) => {
+                let enc = self.secret_key(e, &format!("{field}.enc"));
+                let mac = self.secret_key(m, &format!("{field}.mac"));
+                let dek = self.secret_key(d, &format!("{field}.dek"));
+                Some(StaticKeys { enc: enc?, mac: mac?, dek: dek? })
+            }
+            _ => {
+                self.problem(at, field, "give either `key` (one key for all roles) or all of `enc`, `mac`, `dek`");
+                None
+            }
+        }
+    }
+
+    fn profile(&mut self, raw: RawProfile, path: &Path) -> Option<Profile> {
+        if raw.product.value.trim().is_empty() {
+            self.problem(&raw.product, "product", "must not be empty");
+        }
+        let firmware_dir = self.base.join(&raw.firmware.dir.value);
+        if !firmware_dir.is_dir() {
+            self.problem(&raw.firmware.dir, "firmware.dir", format!("{} is not a directory", firmware_dir.display()));
+        }
+        if raw.firmware.release_keys.is_empty() {
+            self.problems.push(Problem {
+                line: raw.firmware.dir.referenced.line(),
+                column: 1,
+                field: "firmware.release_keys".into(),
+                message: "at least one pinned release key is required".into(),
+            });
+        }
+        let release_keys: Vec<_> = raw
+            .firmware
+            .release_keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| self.public_key(k, &format!("firmware.release_keys[{i}]")))
+            .collect();
+        let block = &raw.firmware.load_block_size;
+        if !(16..=MAX_LOAD_BLOCK).contains(&block.value) {
+            self.problem(
+                block,
+                "firmware.load_block_size",
+                format!("{} is outside 16..={MAX_LOAD_BLOCK}", block.value),
+            );
+        }
+        let level = &raw.gp.security_level;
+        let security_level = match level.value.as_str() {
+            "cmac" => Some(SecurityLevel::CMac),
+            "cmac-cdec" => Some(SecurityLevel::CMacCDec),
+            "cmac-rmac" => Some(SecurityLevel::CMacRMac),
+            "cmac-cdec-rmac" => Some(SecurityLevel::CMacCDecRMac),
+            other => {
+                self.problem(
+                    level,
+                    "gp.security_level",
+                    format!("unknown level {other:?}; use cmac, cmac-cdec, cmac-rmac or cmac-cdec-rmac"),
+                );
+                None
+            }
+        };
+        let fk = &raw.gp.factory_keys;
+        let factory_version = self.u8_field(&fk.version, "gp.factory_keys.version", 1..=255);
+        let factory_keys = self.key_set(&fk.key, [&fk.enc, &fk.mac, &fk.dek], "gp.factory_keys", &fk.version, true);
+        let rotation = match &raw.gp.rotation {
+            Some(r) if r.enabled => {
+                let version = self.u8_field(&r.version, "gp.rotation.version", 1..=0x7F);
+                if version.is_some() && version == factory_version {
+                    self.problem(&r.version, "gp.rotation.version", "must differ from gp.factory_keys.version");
+                }
+                let diversification = match r.diversification.value.parse::<Diversification>() {
+                    Ok(d) => Some(d),
+                    Err(_) => {
+                        self.problem(&r.diversification, "gp.rotation.diversification", "use none or kdf3");
+                        None
+                    }
+                };
+                let m = &r.master;
+                let master = self.key_set(&m.key, [&m.enc, &m.mac, &m.dek], "gp.rotation.master", &r.version, false);
+                Some(Rotation { version: version?, master: master?, diversification: diversification? })
+            }
+            _ => None,
+        };
+        if raw.attestation.vendor_cas.is_empty() {
+            self.problems.push(Problem {
+                line: 0,
+                column: 0,
+                field: "attestation.vendor_cas".into(),
+                message: "at least one pinned vendor CA is required".into(),
+            });
+        }
+        let vendor_cas: Vec<_> = raw
+            .attestation
+            .vendor_cas
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| self.public_key(k, &format!("attestation.vendor_cas[{i}]")))
+            .collect();
+        let st = &raw.self_tests;
+        if st.signatures.value > 64 {
+            self.problem(&st.signatures, "self_tests.signatures", "at most 64");
+        }
+        if !(64..=4096).contains(&st.rng_bytes.value) {
+            self.problem(&st.rng_bytes, "self_tests.rng_bytes", "must be within 64..=4096");
+        }
+        if !(1..=card::wallet::self_test::MEMORY_MAX as u32).contains(&st.memory_bytes.value) {
+            self.problem(
+                &st.memory_bytes,
+                "self_tests.memory_bytes",
+                format!("must be within 1..={}", card::wallet::self_test::MEMORY_MAX),
+            );
+        }
+        let t = &raw.timeouts;
+        if !(100..=60_000).contains(&t.apdu_ms.value) {
+            self.problem(&t.apdu_ms, "timeouts.apdu_ms", "must be within 100..=60000");
+        }
+        if !(1..=3600).contains(&t.card_s.value) {
+            self.problem(&t.card_s, "timeouts.card_s", "must be within 1..=3600");
+        }
+        if !self.problems.is_empty() {
+            return None;
+        }
+        Some(Profile {
+            path: path.to_path_buf(),
+            product: raw.product.value,
+            firmware_dir,
+            release_keys,
+            load_block_size: block.value as usize,
+            security_level: security_level?,
+            factory_version: factory_version?,
+            factory_keys: factory_keys?,
+            rotation,
+            vendor_cas,
+            self_tests: SelfTests {
+                kat: st.kat,
+                signatures: st.signatures.value,
+                rng_bytes: st.rng_bytes.value as usize,
+                memory_bytes: st.memory_bytes.value as u16,
+            },
+            timeouts: Timeouts {
+                apdu: Duration::from_millis(u64::from(t.apdu_ms.value)),
+                card: Duration::from_secs(u64::from(t.card_s.value)),
+            },
+        })
+    }
+}
