@@ -243,13 +243,22 @@ pub fn pack(
     with_descriptor: bool,
     applets: Vec<ManifestApplet>,
     key: &SigningKey,
-) -> anyhow::Result<Manifest> {
-    let cap_bytes = std::fs::read(cap_path)?;
-    let cap = CapFile::from_bytes(&cap_bytes)?;
+) -> Result<Manifest, FirmwareError> {
+    let io = |file: &Path| {
+        let (dir, file) = (out.to_path_buf(), file.display().to_string());
+        move |source| FirmwareError::Io { dir, file, source }
+    };
+    let cap_bytes = std::fs::read(cap_path).map_err(io(cap_path))?;
+    let cap =
+        CapFile::from_bytes(&cap_bytes).map_err(|source| FirmwareError::Cap { dir: out.to_path_buf(), source })?;
     let file_name = cap_path
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| anyhow::anyhow!("{}: not a file name", cap_path.display()))?
+        .ok_or_else(|| FirmwareError::Malformed {
+            dir: out.to_path_buf(),
+            file: cap_path.display().to_string(),
+            detail: "not a file name".into(),
+        })?
         .to_string();
     let applets = if applets.is_empty() {
         cap.applet_aids()
@@ -275,12 +284,115 @@ pub fn pack(
         load_file_sha256: hex::encode(cap.load_file_sha256(with_descriptor)),
         applets,
     };
-    std::fs::create_dir_all(out)?;
-    let text = serde_saphyr::to_string(&manifest)?;
-    if cap_path.canonicalize()? != out.join(&file_name).canonicalize().unwrap_or_default() {
-        std::fs::write(out.join(&file_name), &cap_bytes)?;
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let text = serde_saphyr::to_string(&manifest).map_err(|e| FirmwareError::Malformed {
+        dir: out.to_path_buf(),
+        file: MANIFEST.into(),
+        detail: e.to_string(),
+    })?;
+    let target = out.join(&file_name);
+    if cap_path.canonicalize().ok() != target.canonicalize().ok() {
+        std::fs::write(&target, &cap_bytes).map_err(io(&target))?;
     }
-    std::fs::write(out.join(MANIFEST), text.as_bytes())?;
-    std::fs::write(out.join(SIGNATURE), format!("{}\n", sign_manifest(key, text.as_bytes())))?;
+    std::fs::write(out.join(MANIFEST), text.as_bytes()).map_err(io(Path::new(MANIFEST)))?;
+    std::fs::write(out.join(SIGNATURE), format!("{}\n", sign_manifest(key, text.as_bytes())))
+        .map_err(io(Path::new(SIGNATURE)))?;
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware/wallet-demo")
+    }
+
+    fn demo_release_key() -> VerifyingKey {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware/keys/DEMO-ONLY-release.key.pub"),
+        )
+        .expect("demo release public key");
+        VerifyingKey::from_sec1_bytes(&hex::decode(text.trim()).expect("hex")).expect("key")
+    }
+
+    /// A copy of the demo firmware to tamper with.
+    fn copy_demo() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for entry in std::fs::read_dir(demo_dir()).expect("demo dir") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
+        }
+        dir
+    }
+
+    #[test]
+    fn demo_firmware_verifies() {
+        let fw = Firmware::load(&demo_dir(), &[demo_release_key()]).expect("verifies");
+        assert_eq!(fw.package_aid, card::wallet::PACKAGE_AID);
+        assert_eq!(fw.applets[0].instance_aid, card::wallet::APPLET_AID);
+        assert_eq!(fw.load_file_data_block[0], 0xC4);
+    }
+
+    #[test]
+    fn another_release_key_is_refused() {
+        let other = SigningKey::from_slice(&[7; 32]).expect("key");
+        let err = Firmware::load(&demo_dir(), &[*other.verifying_key()]).expect_err("unpinned signer");
+        assert!(matches!(err, FirmwareError::BadSignature { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_edited_manifest_is_refused() {
+        let dir = copy_demo();
+        let m = dir.path().join(MANIFEST);
+        let text = std::fs::read_to_string(&m).expect("manifest");
+        std::fs::write(&m, text.replace("version: \"1.0.0\"", "version: \"1.0.1\"")).expect("write");
+        let err = Firmware::load(dir.path(), &[demo_release_key()]).expect_err("tampered");
+        assert!(matches!(err, FirmwareError::BadSignature { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_swapped_cap_file_is_refused_by_hash() {
+        let dir = copy_demo();
+        let cap = dir.path().join("tapline-wallet-demo.cap");
+        let mut bytes = std::fs::read(&cap).expect("cap");
+        let n = bytes.len();
+        bytes[n / 2] ^= 0x01;
+        std::fs::write(&cap, bytes).expect("write");
+        let err = Firmware::load(dir.path(), &[demo_release_key()]).expect_err("tampered CAP");
+        assert!(matches!(err, FirmwareError::Mismatch { field: "cap_sha256", .. }), "{err}");
+        assert!(err.to_string().contains("cap_sha256"), "{err}");
+    }
+
+    #[test]
+    fn a_signed_manifest_that_lies_about_the_load_file_is_refused() {
+        let dir = copy_demo();
+        let key = SigningKey::from_slice(&[9; 32]).expect("key");
+        let m = dir.path().join(MANIFEST);
+        let text = std::fs::read_to_string(&m).expect("manifest");
+        let lie = text.replace("with_descriptor: false", "with_descriptor: true");
+        std::fs::write(&m, &lie).expect("write");
+        std::fs::write(dir.path().join(SIGNATURE), sign_manifest(&key, lie.as_bytes())).expect("sig");
+        let err = Firmware::load(dir.path(), &[*key.verifying_key()]).expect_err("hash lie");
+        assert!(matches!(err, FirmwareError::Mismatch { field: "load_file_sha256", .. }), "{err}");
+    }
+
+    #[test]
+    fn missing_files_name_the_file() {
+        let dir = copy_demo();
+        std::fs::remove_file(dir.path().join(SIGNATURE)).expect("rm");
+        let err = Firmware::load(dir.path(), &[demo_release_key()]).expect_err("no signature");
+        assert!(err.to_string().contains(SIGNATURE), "{err}");
+    }
+
+    #[test]
+    fn pack_then_load_round_trips() {
+        let out = tempfile::tempdir().expect("tempdir");
+        let key = SigningKey::from_slice(&[5; 32]).expect("key");
+        let cap = demo_dir().join("tapline-wallet-demo.cap");
+        let m = pack(&cap, out.path(), "t", "2.0.0", true, Vec::new(), &key).expect("pack");
+        assert!(m.with_descriptor);
+        let fw = Firmware::load(out.path(), &[*key.verifying_key()]).expect("loads");
+        assert_eq!(fw.manifest, m);
+    }
 }

@@ -271,7 +271,7 @@ impl Profile {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
             ProfileError {
                 file: path.to_path_buf(),
-                problems: vec![Problem { line, column, field: "(structure)".into(), message: first_line(&e) }],
+                problems: vec![Problem { line, column, field: "(yaml)".into(), message: first_line(&e) }],
             }
         })?;
         let mut v = Validator { problems: Vec::new(), base: path.parent().unwrap_or(Path::new(".")).to_path_buf() };
@@ -283,9 +283,18 @@ impl Profile {
     }
 }
 
+/// The parser's message without its own "error: line N column M:" prefix
+/// (the place is reported separately).
 fn first_line(e: &impl fmt::Display) -> String {
     let s = e.to_string();
-    s.lines().next().unwrap_or("invalid YAML").trim().to_string()
+    let mut m = s.lines().next().unwrap_or("invalid YAML").trim();
+    m = m.strip_prefix("error:").unwrap_or(m).trim_start();
+    if m.starts_with("line ")
+        && let Some((_, rest)) = m.split_once(": ")
+    {
+        m = rest;
+    }
+    m.to_string()
 }
 
 struct Validator {
@@ -444,7 +453,13 @@ impl Validator {
                 };
                 let m = &r.master;
                 let master = self.key_set(&m.key, [&m.enc, &m.mac, &m.dek], "gp.rotation.master", &r.version, false);
-                Some(Rotation { version: version?, master: master?, diversification: diversification? })
+                match (version, master, diversification) {
+                    (Some(version), Some(master), Some(diversification)) => {
+                        Some(Rotation { version, master, diversification })
+                    }
+                    // The problems are recorded; keep validating the rest.
+                    _ => None,
+                }
             }
             _ => None,
         };
@@ -509,5 +524,104 @@ impl Validator {
                 card: Duration::from_secs(u64::from(t.card_s.value)),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo_text() -> (String, PathBuf) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles/demo.yaml");
+        (std::fs::read_to_string(&path).expect("demo profile"), path)
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        let (_, path) = demo_text();
+        Profile::parse(text, &path).expect_err("should be refused").problems
+    }
+
+    #[test]
+    fn demo_profile_is_valid() {
+        let (text, path) = demo_text();
+        let p = Profile::parse(&text, &path).expect("valid");
+        assert_eq!(p.security_level, SecurityLevel::CMacCDecRMac);
+        assert_eq!(p.factory_version, 0xFF);
+        assert_eq!(p.rotation.as_ref().map(|r| r.version), Some(1));
+        assert_eq!(p.vendor_cas.len(), 1);
+        assert_eq!(p.key_ring().versions(), vec![0xFF, 1]);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_line() {
+        let (text, _) = demo_text();
+        let bad = text.replace("  load_block_size: 231", "  load_block_size: 231\n  colour: blue");
+        let line = bad.lines().position(|l| l.contains("colour")).expect("line") as u64 + 1;
+        let p = problems(&bad);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].message.contains("colour"), "{p:?}");
+        assert_eq!(p[0].line, line, "{p:?}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_with_field_and_line() {
+        let (text, _) = demo_text();
+        let bad = text
+            .replace("security_level: cmac-cdec-rmac", "security_level: cmac-rot13")
+            .replace("key: 5441504C494E452D44454D4F2D4D4B31", "key: 5441504C494E45")
+            .replace("signatures: 5", "signatures: 500")
+            .replace("load_block_size: 231", "load_block_size: 250");
+        let p = problems(&bad);
+        let cases = [
+            ("gp.security_level", "cmac-rot13"),
+            ("gp.rotation.master.key", "key: 5441504C494E45"),
+            ("self_tests.signatures", "signatures: 500"),
+            ("firmware.load_block_size", "load_block_size: 250"),
+        ];
+        assert_eq!(p.len(), cases.len(), "{p:#?}");
+        for (field, needle) in cases {
+            let x = p.iter().find(|x| x.field == field).unwrap_or_else(|| panic!("{field} missing in {p:#?}"));
+            let line = bad.lines().position(|l| l.contains(needle)).expect("needle") as u64 + 1;
+            assert_eq!(x.line, line, "{x:?}");
+        }
+        // The bad key's value is never echoed (it may be a secret).
+        assert!(p.iter().all(|x| !x.message.contains("5441504C494E45")), "{p:?}");
+    }
+
+    #[test]
+    fn keys_from_the_environment_and_missing_ones() {
+        let (text, path) = demo_text();
+        let via_env = text.replace("key: 5441504C494E452D44454D4F2D4D4B31", "key: env:TAPLINE_TEST_MASTER_UNSET_VAR");
+        let p = Profile::parse(&via_env, &path).expect_err("unset variable").problems;
+        assert!(p[0].message.contains("TAPLINE_TEST_MASTER_UNSET_VAR"), "{p:?}");
+        let via_file = text.replace("key: 5441504C494E452D44454D4F2D4D4B31", "key: file:does-not-exist.key");
+        let p = Profile::parse(&via_file, &path).expect_err("missing file").problems;
+        assert!(p[0].message.contains("does-not-exist.key"), "{p:?}");
+    }
+
+    #[test]
+    fn bad_pinned_keys_and_missing_firmware_dir() {
+        let (text, _) = demo_text();
+        let bad = text
+            .replace("02B6684FC5AAE553C9098B41B9BC28E9D48917B3F87E2AA4155913A2666C777DF1", "02B6684FC5")
+            .replace("dir: ../firmware/wallet-demo", "dir: ../firmware/nope");
+        let fields: Vec<String> = problems(&bad).into_iter().map(|p| p.field).collect();
+        assert!(fields.contains(&"attestation.vendor_cas[0]".to_string()), "{fields:?}");
+        assert!(fields.contains(&"firmware.dir".to_string()), "{fields:?}");
+    }
+
+    #[test]
+    fn yaml_syntax_errors_have_a_place() {
+        let p = problems("product: x\nfirmware: [unclosed\n");
+        assert!(p[0].line >= 2, "{p:?}");
+    }
+
+    #[test]
+    fn debug_output_never_shows_keys() {
+        let (text, path) = demo_text();
+        let p = Profile::parse(&text, &path).expect("valid");
+        let dbg = format!("{p:?}");
+        assert!(!dbg.to_uppercase().contains("5441504C494E452D44454D4F2D4D4B31"), "{dbg}");
+        assert!(!dbg.contains("404142434445"), "{dbg}");
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use card::gp::StatusScope;
 use card::gp::session::{self, GpSession, KeyRing};
 use card::transport::{ReaderId, Transport, TransportError};
-use card::wallet::cert::ca_key_id;
+use card::wallet::cert::{Certificate, ca_key_id};
 use card::wallet::client::WalletClient;
 use card::wallet::{self, Lifecycle};
 use card::{CardError, CardId};
@@ -287,6 +287,8 @@ impl Recipe {
     ) -> Result<Result<i64, Failure>, LedgerDown> {
         let profile = &self.profile;
 
+        step!(a.step(Step::Identify, progress, |_| self.identify(a.card, t, prior)));
+
         // GP session with whichever key set the card reports.
         let gp = step!(a.step(Step::Session, progress, move |_| {
             let s = GpSession::open(t, &self.ring, 0, profile.security_level)
@@ -412,6 +414,68 @@ impl Recipe {
         Ok(detail)
     }
 
+    /// The identity certificate chains to a pinned CA, is valid now, names
+    /// this chip, and carries the card key recorded before (if any).
+    fn check_identity(
+        &self,
+        step: Step,
+        card_id: CardId,
+        cert: &Certificate,
+        prior: Option<&PriorRecord>,
+    ) -> Result<VerifyingKey, Failure> {
+        use card::wallet::cert::CertError;
+        let refuse = |reason: &str, detail: String| Failure::new(step, reason, detail, false);
+        let (card_key, _) = cert.verify(&self.profile.vendor_cas, unix_now()).map_err(|e| {
+            let reason = match &e {
+                CertError::UnknownIssuer(_) => "counterfeit: certificate from an unpinned CA",
+                CertError::BadSignature => "counterfeit: certificate signature invalid",
+                CertError::Expired { .. } | CertError::NotYetValid { .. } => "certificate outside its validity",
+                CertError::BadPublicKey | CertError::Version(_) => "malformed certificate",
+            };
+            refuse(reason, e.to_string())
+        })?;
+        if cert.subject != card_id {
+            return Err(refuse(
+                "identity mismatch",
+                format!("certificate names {} but the chip reports {card_id}", cert.subject),
+            ));
+        }
+        if let Some(known) = prior.and_then(|p| p.card_public_key.as_deref())
+            && known != hex::encode_upper(cert.public_key)
+        {
+            return Err(refuse(
+                "identity changed",
+                format!("card {card_id} presents another card key than recorded before (clone?)"),
+            ));
+        }
+        Ok(card_key)
+    }
+
+    /// Identify: the chip's certificate, read from the card manager before
+    /// anything is loaded, so counterfeit chips are refused before the
+    /// seconds of LOAD. Cards that do not offer it are checked at
+    /// attestation only.
+    fn identify(
+        &self,
+        card_id: CardId,
+        t: &mut dyn Transport,
+        prior: Option<&PriorRecord>,
+    ) -> Result<((), String, CardUpdate), Failure> {
+        const S: Step = Step::Identify;
+        let atr = hex::encode_upper(&t.atr().0);
+        let Some(bytes) = session::read_identity(t).map_err(|e| Failure::card(S, &e))? else {
+            return Ok(((), format!("ATR {atr}; no identity certificate before attestation"), CardUpdate::default()));
+        };
+        let cert = Certificate::parse(&bytes).map_err(|e| Failure::card(S, &e))?;
+        self.check_identity(S, card_id, &cert, prior)?;
+        let update = CardUpdate {
+            card_public_key: Some(hex::encode_upper(cert.public_key)),
+            ca_key_id: Some(hex::encode_upper(cert.issuer)),
+            ..CardUpdate::default()
+        };
+        Ok(((), format!("ATR {atr}; certificate from CA {}", hex::encode_upper(cert.issuer)), update))
+    }
+
     /// Identity and attestation: certificate chains to a pinned CA, names
     /// this chip, the card signs our fresh challenge over its identity,
     /// firmware hash, lifecycle and a counter that only goes up.
@@ -426,30 +490,7 @@ impl Recipe {
         let info = w.select().map_err(|e| Failure::card(S, &e))?;
         let cert_failure = |reason: &str, detail: String| Failure::new(S, reason, detail, false);
         let cert = w.identity().map_err(|e| Failure::card(S, &e))?;
-        let (card_key, _) = cert.verify(&self.profile.vendor_cas, unix_now()).map_err(|e| {
-            use card::wallet::cert::CertError;
-            let reason = match &e {
-                CertError::UnknownIssuer(_) => "counterfeit: certificate from an unpinned CA",
-                CertError::BadSignature => "counterfeit: certificate signature invalid",
-                CertError::Expired { .. } | CertError::NotYetValid { .. } => "certificate outside its validity",
-                CertError::BadPublicKey | CertError::Version(_) => "malformed certificate",
-            };
-            cert_failure(reason, e.to_string())
-        })?;
-        if cert.subject != card_id {
-            return Err(cert_failure(
-                "identity mismatch",
-                format!("certificate names {} but the chip reports {card_id}", cert.subject),
-            ));
-        }
-        if let Some(known) = prior.and_then(|p| p.card_public_key.as_deref())
-            && known != hex::encode_upper(cert.public_key)
-        {
-            return Err(cert_failure(
-                "identity changed",
-                format!("card {card_id} presents another card key than recorded before (clone?)"),
-            ));
-        }
+        let card_key = self.check_identity(S, card_id, &cert, prior)?;
         let challenge: [u8; 32] = random();
         let att = w.attest(&challenge).map_err(|e| Failure::card(S, &e))?;
         if att.card_id != card_id {

@@ -1,1 +1,68 @@
-//! End-to-end test support.
+//! End-to-end test support: runs a whole batch through the station's own
+//! batch engine (workers, recipe, ledger, emulated feeder) on emulated
+//! readers, and hands back the summary, the ledger export and every card as
+//! it really is, so tests can compare all three.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use card::emu::EmuCard;
+use card::transport::CardReader;
+use card::transport::emu::EmuBank;
+use station::batch::{self, Summary};
+use station::firmware::Firmware;
+use station::handler::{Bin, EmuFeeder};
+use station::ledger::export::{self, Export};
+use station::ledger::{BatchInfo, Ledger};
+use station::profile::Profile;
+use station::recipe::Recipe;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn demo_profile() -> Arc<Profile> {
+    Arc::new(Profile::load(&repo().join("profiles/demo.yaml")).expect("demo profile"))
+}
+
+/// A finished emulated batch.
+pub struct Batch {
+    pub summary: Summary,
+    pub export: Export,
+    pub bins: Vec<(Bin, EmuCard)>,
+    pub firmware: Arc<Firmware>,
+    pub ledger: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Runs `cards` through the station on `readers` emulated readers at
+/// `speed`, with a SQLite ledger in a temporary directory.
+pub fn run_batch(profile: Arc<Profile>, readers: usize, cards: Vec<EmuCard>, speed: f64) -> Batch {
+    let firmware = Arc::new(Firmware::load(&profile.firmware_dir, &profile.release_keys).expect("firmware"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger_path = dir.path().join("ledger.db");
+    let (ledger, writer) = Ledger::open(&ledger_path).expect("ledger");
+    let batch_id = ledger
+        .start_batch(BatchInfo {
+            name: "e2e".into(),
+            profile: "demo".into(),
+            product: profile.product.clone(),
+            firmware: firmware.manifest.name.clone(),
+            firmware_sha256: hex::encode(firmware.load_file_sha256),
+        })
+        .expect("batch");
+    let target = cards.len();
+    let bank = EmuBank::new(readers, speed, Duration::from_millis(200));
+    let feeder = Arc::new(EmuFeeder::new(bank.clone(), cards));
+    feeder.fill();
+    let readers: Vec<Box<dyn CardReader>> =
+        (0..readers).filter_map(|i| bank.reader(i)).map(|r| Box::new(r) as Box<dyn CardReader>).collect();
+    let recipe = Arc::new(Recipe::new(profile, Arc::clone(&firmware), ledger.clone(), batch_id));
+    let summary = batch::run(readers, recipe, Arc::clone(&feeder) as _, target, |_| {}).expect("batch runs");
+    ledger.finish_batch(batch_id).expect("finish");
+    drop(ledger);
+    writer.close();
+    let export = export::export(&ledger_path).expect("export");
+    Batch { summary, export, bins: feeder.take_bins(), firmware, ledger: ledger_path, _dir: dir }
+}

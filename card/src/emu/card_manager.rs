@@ -66,6 +66,9 @@ fn get_data(ctx: &Ctx<'_>, cmd: &Command) -> Handled {
         (0x9F, 0x7F) => (Response::ok(ctx.chip.cplc.encode()), Cost::Small),
         (0x00, 0x66) => (Response::ok(card_data()), Cost::Small),
         (0x00, 0xE0) => (Response::ok(key_information(ctx)), Cost::Small),
+        // The chip's identity certificate, readable before any applet is
+        // installed (a platform data object, like CPLC).
+        (0x7F, 0x21) => (Response::ok(ctx.chip.certificate.clone()), Cost::Small),
         _ => status(StatusWord::REFERENCED_DATA_NOT_FOUND),
     }
 }

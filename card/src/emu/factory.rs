@@ -80,32 +80,27 @@ pub struct ChipFactory {
     vendor: SigningKey,
     fake_vendor: SigningKey,
     rng: Drbg,
-    serial: u32,
-    batch: [u8; 2],
     made: Vec<(CardId, [u8; 32])>,
 }
 
 impl ChipFactory {
     pub fn new(seed: u64) -> Self {
         let rng_seed: [u8; 32] = Sha256::digest([b"tapline factory".as_slice(), &seed.to_be_bytes()].concat()).into();
-        Self {
-            vendor: demo_vendor_ca(),
-            fake_vendor: counterfeit_ca(),
-            rng: Drbg::new(rng_seed),
-            serial: 0,
-            batch: [(seed >> 8) as u8, seed as u8],
-            made: Vec::new(),
-        }
+        Self { vendor: demo_vendor_ca(), fake_vendor: counterfeit_ca(), rng: Drbg::new(rng_seed), made: Vec::new() }
     }
 
+    /// A fresh chip identifier: fabricator 4790 and IC type 5040 (a common
+    /// layout), then six random bytes of batch and serial, unique within
+    /// this factory and, with a random seed, across runs.
     fn next_id(&mut self) -> CardId {
-        self.serial += 1;
-        let mut salt = [0u8; 2];
-        self.rng.fill(&mut salt);
-        let s = self.serial.to_be_bytes();
-        // Fabricator 4790 and IC type 5040 mimic a common layout; batch
-        // and serial make the identifier unique within the factory.
-        CardId([0x47, 0x90, 0x50, 0x40, self.batch[0] ^ salt[0], self.batch[1] ^ salt[1], s[0], s[1], s[2], s[3]])
+        loop {
+            let mut id = [0x47, 0x90, 0x50, 0x40, 0, 0, 0, 0, 0, 0];
+            self.rng.fill(&mut id[4..]);
+            let id = CardId(id);
+            if !self.made.iter().any(|(m, _)| *m == id) {
+                return id;
+            }
+        }
     }
 
     /// Makes one chip of the given kind with the given fault script.

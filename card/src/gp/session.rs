@@ -77,6 +77,17 @@ pub fn read_cplc(t: &mut dyn Transport) -> Result<super::cplc::Cplc, CardError> 
     super::cplc::Cplc::parse(&resp.data)
 }
 
+/// Reads the chip's identity certificate from the card manager (GET DATA
+/// 7F21) without a secure channel; `None` when the card does not offer it.
+pub fn read_identity(t: &mut dyn Transport) -> Result<Option<Vec<u8>>, CardError> {
+    let resp = t.transmit(&super::get_data(0x7F21))?;
+    match resp.sw {
+        StatusWord::OK => Ok(Some(resp.data)),
+        StatusWord::REFERENCED_DATA_NOT_FOUND => Ok(None),
+        sw => Err(CardError::Status { command: "GET DATA (identity)", sw }),
+    }
+}
+
 /// Selects the ISD.
 pub fn select_isd(t: &mut dyn Transport) -> Result<Vec<u8>, CardError> {
     let resp = t.transmit(&super::select(&ISD_AID))?;

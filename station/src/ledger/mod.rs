@@ -465,3 +465,117 @@ fn apply(tx: &Connection, op: &Op, ts: &str) -> rusqlite::Result<Reply> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, PathBuf, Ledger, LedgerWriter, i64) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("l.db");
+        let (l, w) = Ledger::open(&path).expect("open");
+        let b = l
+            .start_batch(BatchInfo {
+                name: "b".into(),
+                profile: "p".into(),
+                product: "x".into(),
+                firmware: "f".into(),
+                firmware_sha256: "00".into(),
+            })
+            .expect("batch");
+        (dir, path, l, w, b)
+    }
+
+    fn id(n: u8) -> CardId {
+        CardId([n; 10])
+    }
+
+    #[test]
+    fn utc_formatting() {
+        assert_eq!(format_utc(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_utc(1_795_512_345, 7), "2026-11-24T09:25:45.007Z");
+        assert_eq!(format_utc(951_782_400, 0), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn serials_are_unique_under_concurrent_writers() {
+        let (_d, path, l, w, b) = open();
+        let threads: Vec<_> = (0..8u8)
+            .map(|t| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    (0..25u8)
+                        .map(|i| {
+                            let c = CardId([t, i, 0, 0, 0, 0, 0, 0, 0, 1]);
+                            l.begin_card(c, "r", b, "", "").expect("begin");
+                            l.step(c, 1, "identify", StepEvent::Intent, "", "r").expect("step");
+                            l.pass(c, 1, "ready_for_pairing").expect("pass")
+                        })
+                        .collect::<Vec<i64>>()
+                })
+            })
+            .collect();
+        let mut serials: Vec<i64> = threads.into_iter().flat_map(|t| t.join().expect("thread")).collect();
+        serials.sort_unstable();
+        assert_eq!(serials, (1..=200).collect::<Vec<_>>());
+        drop(l);
+        w.close();
+        let doc = export::export(&path).expect("export");
+        assert_eq!(doc.cards.len(), 200);
+        assert!(doc.cards.iter().all(|c| c.status == "passed"));
+    }
+
+    #[test]
+    fn a_passed_card_cannot_be_reset_or_failed() {
+        let (_d, path, l, w, b) = open();
+        l.begin_card(id(1), "r", b, "", "").expect("begin");
+        let serial = l.pass(id(1), 1, "ready_for_pairing").expect("pass");
+        let prior = l.begin_card(id(1), "r2", b, "", "").expect("again").expect("known");
+        assert_eq!(prior.status, CardStatus::Passed);
+        l.fail(id(1), 2, "identify", "x", "y", false).expect("no-op on a passed card");
+        assert!(l.pass(id(1), 2, "ready_for_pairing").is_err(), "a second serial is refused");
+        drop(l);
+        w.close();
+        let c = &export::export(&path).expect("export").cards[0];
+        assert_eq!((c.status.as_str(), c.serial, c.reader.as_str()), ("passed", Some(serial), "r"));
+    }
+
+    #[test]
+    fn retries_count_attempts_and_clear_the_failure() {
+        let (_d, path, l, w, b) = open();
+        l.begin_card(id(2), "r", b, "", "").expect("begin");
+        l.fail(id(2), 1, "firmware", "card removed", "d", true).expect("fail");
+        let prior = l.begin_card(id(2), "r", b, "", "").expect("again").expect("known");
+        assert_eq!((prior.status, prior.attempts), (CardStatus::Failed, 1));
+        l.step_done(id(2), 2, "gp_session", "", CardUpdate { gp_key_version: Some(1), ..Default::default() })
+            .expect("done");
+        drop(l);
+        w.close();
+        let c = &export::export(&path).expect("export").cards[0];
+        assert_eq!((c.status.as_str(), c.attempts, c.failed_step.as_deref()), ("in_progress", 2, None));
+        assert_eq!(c.gp_key_version, Some(1));
+    }
+
+    #[test]
+    fn reopening_migrates_once_and_a_newer_schema_is_refused() {
+        let (_d, path, l, w, _) = open();
+        drop(l);
+        w.close();
+        let (l, w) = Ledger::open(&path).expect("reopen");
+        drop(l);
+        w.close();
+        let conn = Connection::open(&path).expect("conn");
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM schema_version", [], |r| r.get(0)).expect("count");
+        assert_eq!(n as usize, SCHEMA_VERSION);
+        conn.execute("INSERT INTO schema_version (version) VALUES (999)", []).expect("bump");
+        drop(conn);
+        let err = Ledger::open(&path).err().expect("refused");
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn an_unwritable_ledger_is_a_clear_error() {
+        let err = Ledger::open(Path::new("/nonexistent-dir/x/ledger.db")).err().expect("refused");
+        assert!(err.to_string().contains("/nonexistent-dir/x/ledger.db"), "{err}");
+    }
+}

@@ -1,0 +1,168 @@
+//! The `station` binary as an operator uses it: exit codes, messages that
+//! name the thing at fault, the demo batch and the exports.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn station(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_station")).args(args).current_dir(repo()).output().expect("station runs")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn demo_batch_with_faults_runs_and_exports() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = dir.path().join("l.db");
+    let ledger = ledger.to_str().expect("utf8");
+    let o = station(&[
+        "run",
+        "--profile",
+        "profiles/demo.yaml",
+        "--sim",
+        "4",
+        "--cards",
+        "20",
+        "--card-speed",
+        "0",
+        "--ledger",
+        ledger,
+        "--headless",
+        "--seed",
+        "11",
+        "--sim-faults",
+        "counterfeit=0.2,selftest=0.1",
+    ]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("summary: 20 cards"), "{out}");
+    assert!(out.contains("failures by step and reason"), "{out}");
+
+    let o = station(&["ledger", "export", "--ledger", ledger, "--format", "json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let cards = doc["cards"].as_array().expect("cards");
+    assert_eq!(cards.len(), 20);
+    assert!(doc["bundles"].as_array().expect("bundles").is_empty());
+    for c in cards {
+        for field in [
+            "card_id",
+            "status",
+            "failed_step",
+            "failure_reason",
+            "firmware_sha256",
+            "attested",
+            "self_tests",
+            "bundle_id",
+            "role",
+            "wallet_pubkey",
+            "gp_key_version",
+            "reader",
+        ] {
+            assert!(c.get(field).is_some(), "{field} missing in {c}");
+        }
+        match c["status"].as_str() {
+            Some("passed") => {
+                assert_eq!((c["attested"].as_bool(), c["self_tests"].as_bool()), (Some(true), Some(true)))
+            }
+            Some("failed") => assert!(c["failed_step"].is_string() && c["failure_reason"].is_string(), "{c}"),
+            s => panic!("unexpected status {s:?}"),
+        }
+    }
+    let failed = cards.iter().filter(|c| c["status"] == "failed").count();
+    assert!(failed > 0, "the fault mix produced failures");
+
+    let o = station(&["ledger", "export", "--ledger", ledger, "--format", "csv"]);
+    let csv = String::from_utf8_lossy(&o.stdout);
+    assert!(csv.starts_with("card_id,status,"), "{csv}");
+    assert_eq!(csv.lines().count(), 21);
+}
+
+#[test]
+fn bad_profile_names_file_line_and_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text_in = std::fs::read_to_string(repo().join("profiles/demo.yaml")).expect("demo");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, text_in.replace("dir: ../firmware/wallet-demo", "dir: ../firmware/wallet-demo\n  turbo: on"))
+        .expect("write");
+    let line =
+        std::fs::read_to_string(&bad).expect("read").lines().position(|l| l.contains("turbo")).expect("line") + 1;
+    let o = station(&["profile", "check", bad.to_str().expect("utf8")]);
+    assert!(!o.status.success());
+    let out = text(&o);
+    assert!(out.contains(&format!("bad.yaml:{line}:3: (yaml): unknown field `turbo`")), "{out}");
+    assert!(out.contains("turbo"), "{out}");
+
+    let o = station(&["run", "--profile", bad.to_str().expect("utf8"), "--sim", "1", "--cards", "1", "--headless"]);
+    assert!(!o.status.success(), "a bad profile stops the station");
+}
+
+#[test]
+fn refuses_to_run_without_a_usable_ledger_or_with_bad_arguments() {
+    let o = station(&[
+        "run",
+        "--profile",
+        "profiles/demo.yaml",
+        "--sim",
+        "1",
+        "--cards",
+        "1",
+        "--ledger",
+        "/nonexistent/dir/l.db",
+        "--headless",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("/nonexistent/dir/l.db"), "{}", text(&o));
+
+    let o = station(&[
+        "run",
+        "--profile",
+        "profiles/demo.yaml",
+        "--sim",
+        "1",
+        "--cards",
+        "1",
+        "--sim-faults",
+        "meteor=0.1",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("unknown fault \"meteor\""), "{}", text(&o));
+}
+
+#[test]
+fn firmware_inspect_shows_the_load_file_hash_of_a_real_cap() {
+    let cap = repo().join("../shared/testdata/cap/Empty_0102030405_8d5ac9e2_2.2.1.cap");
+    let o = station(&["firmware", "inspect", cap.to_str().expect("utf8"), "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(doc["package_aid"], "0102030405");
+    assert!(doc["load_file_sha256"].as_str().expect("hash").starts_with("8d5ac9e2"), "{doc}");
+    assert_eq!(doc["applet_aids"][0], "0102030405060708");
+    let plain = station(&["firmware", "inspect", cap.to_str().expect("utf8"), "--with-descriptor"]);
+    assert!(text(&plain).contains("Descriptor.cap"), "{}", text(&plain));
+}
+
+#[test]
+fn firmware_verify_accepts_the_demo_and_refuses_a_tampered_copy() {
+    let o = station(&["firmware", "verify", "firmware/wallet-demo", "--profile", "profiles/demo.yaml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("signature verified"));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    for e in std::fs::read_dir(repo().join("firmware/wallet-demo")).expect("dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).expect("copy");
+    }
+    let m = dir.path().join("manifest.yaml");
+    let t = std::fs::read_to_string(&m).expect("manifest").replace("tapline-wallet-demo\n", "tapline-wallet-evil\n");
+    std::fs::write(&m, t).expect("write");
+    let o = station(&["firmware", "verify", dir.path().to_str().expect("utf8"), "--profile", "profiles/demo.yaml"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("signature does not verify"), "{}", text(&o));
+}

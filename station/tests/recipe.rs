@@ -1,0 +1,262 @@
+//! The recipe against emulated cards, one card at a time: what passes, what
+//! is refused and why, and that an interrupted card resumes. Uses the repo's
+//! demo profile and firmware.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use card::emu::factory::{ChipFactory, ChipKind};
+use card::emu::{CardFaults, EmuCard, TearPoint};
+use card::transport::CardReader;
+use card::transport::emu::EmuBank;
+use station::firmware::Firmware;
+use station::ledger::export::{self, CardExport};
+use station::ledger::{BatchInfo, Ledger, LedgerWriter};
+use station::profile::Profile;
+use station::recipe::{CardOutcome, Recipe, Step};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct Rig {
+    recipe: Recipe,
+    bank: EmuBank,
+    ledger_path: PathBuf,
+    writer: Option<LedgerWriter>,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    fn new() -> Self {
+        let profile = Arc::new(Profile::load(&repo().join("profiles/demo.yaml")).expect("demo profile"));
+        let fw = Arc::new(Firmware::load(&profile.firmware_dir, &profile.release_keys).expect("demo firmware"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger_path = dir.path().join("ledger.db");
+        let (ledger, writer) = Ledger::open(&ledger_path).expect("ledger");
+        let batch = ledger
+            .start_batch(BatchInfo {
+                name: "test".into(),
+                profile: "demo".into(),
+                product: profile.product.clone(),
+                firmware: "demo".into(),
+                firmware_sha256: hex::encode(fw.load_file_sha256),
+            })
+            .expect("batch");
+        let recipe = Recipe::new(profile, fw, ledger, batch);
+        Self {
+            recipe,
+            bank: EmuBank::new(1, 0.0, std::time::Duration::from_millis(50)),
+            ledger_path,
+            writer: Some(writer),
+            _dir: dir,
+        }
+    }
+
+    /// Inserts the card, runs the recipe once, takes the card out again.
+    fn run(&self, card: EmuCard) -> (CardOutcome, EmuCard) {
+        let slot = &self.bank.slots()[0];
+        assert!(slot.insert(card).is_ok(), "slot free");
+        let mut reader = self.bank.reader(0).expect("reader");
+        let id = reader.id().clone();
+        let outcome = {
+            let mut t = reader.connect().expect("connect");
+            self.recipe.run(&id, &mut *t, &mut |_| {}).expect("ledger up")
+        };
+        let card = slot.remove().expect("card back");
+        (outcome, card)
+    }
+
+    fn export(&self) -> Vec<CardExport> {
+        export::export(&self.ledger_path).expect("export").cards
+    }
+
+    fn card(&self, id: &card::CardId) -> CardExport {
+        self.export().into_iter().find(|c| c.card_id == id.to_hex()).expect("card in ledger")
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(w) = self.writer.take() {
+            // The recipe holds a Ledger handle; the writer ends when the
+            // last handle is gone, so don't join here.
+            drop(w);
+        }
+    }
+}
+
+fn failure(o: &CardOutcome) -> &station::recipe::Failure {
+    o.result.as_ref().expect_err("card should have failed")
+}
+
+#[test]
+fn genuine_card_passes_with_everything_recorded() {
+    let rig = Rig::new();
+    let mut factory = ChipFactory::new(1);
+    let (outcome, card) = rig.run(factory.make(ChipKind::Genuine, CardFaults::default()));
+    let serial = *outcome.result.as_ref().expect("passes");
+    let id = card.id();
+    let rec = rig.card(&id);
+    assert_eq!(rec.status, "passed");
+    assert_eq!(rec.stage.as_deref(), Some("ready_for_pairing"));
+    assert_eq!(rec.serial, Some(serial));
+    assert!(rec.attested && rec.self_tests);
+    assert_eq!(rec.gp_key_version, Some(1), "rotated to the profile's version");
+    assert_eq!(rec.firmware_sha256.as_deref(), Some(hex::encode(rig.recipe.firmware.load_file_sha256).as_str()));
+    // The ledger agrees with the card itself.
+    let view = card.view();
+    assert_eq!(view.key_versions, vec![1]);
+    assert_eq!(view.packages.len(), 1);
+    assert_eq!(view.packages[0].hash, rig.recipe.firmware.load_file_sha256);
+    assert_eq!(rec.attest_counter, Some(i64::from(view.attest_counter)));
+    // Every step journaled intent then done, in recipe order.
+    let steps = export::steps(&rig.ledger_path, &id.to_hex()).expect("steps");
+    let done: Vec<&str> = steps.iter().filter(|s| s.event == "done").map(|s| s.step.as_str()).collect();
+    assert_eq!(
+        done,
+        ["identify", "gp_session", "firmware", "key_rotation", "attestation", "self_tests", "record"],
+        "{steps:#?}"
+    );
+    for s in Step::ALL.iter().filter(|s| **s != Step::Record) {
+        let i = steps.iter().position(|x| x.step == s.name() && x.event == "intent").expect("intent");
+        let d = steps.iter().position(|x| x.step == s.name() && x.event == "done").expect("done");
+        assert!(i < d, "{s}: intent before done");
+    }
+}
+
+#[test]
+fn counterfeit_is_refused_at_identify_before_any_load() {
+    let rig = Rig::new();
+    let mut factory = ChipFactory::new(2);
+    let (outcome, card) = rig.run(factory.make(ChipKind::Counterfeit, CardFaults::default()));
+    let f = failure(&outcome);
+    assert_eq!(f.step, Step::Identify);
+    assert!(f.reason.contains("counterfeit"), "{f:?}");
+    assert!(!f.retryable);
+    assert!(card.view().packages.is_empty(), "nothing loaded onto a counterfeit");
+    let rec = rig.card(&card.id());
+    assert_eq!((rec.status.as_str(), rec.failed_step.as_deref()), ("failed", Some("identify")));
+    assert!(!rec.attested);
+}
+
+#[test]
+fn expired_certificate_and_wrong_default_keys_are_refused() {
+    let rig = Rig::new();
+    let mut factory = ChipFactory::new(3);
+    let (o, _) = rig.run(factory.make(ChipKind::Expired, CardFaults::default()));
+    assert_eq!(failure(&o).reason, "certificate outside its validity");
+    let (o, card) = rig.run(factory.make(ChipKind::WrongDefaultKeys, CardFaults::default()));
+    let f = failure(&o);
+    assert_eq!(f.step, Step::Session);
+    assert!(f.reason.contains("card cryptogram mismatch"), "{f:?}");
+    assert_eq!(card.view().auth_failures, 0, "EXTERNAL AUTHENTICATE was never sent with wrong keys");
+}
+
+#[test]
+fn self_test_faults_fail_the_card_with_the_reason() {
+    let rig = Rig::new();
+    let mut factory = ChipFactory::new(4);
+    let cases: [(CardFaults, Step, &str); 4] = [
+        (CardFaults { failing_kat: true, ..CardFaults::default() }, Step::SelfTests, "KAT failed: ECDSA"),
+        (CardFaults { stuck_rng: true, ..CardFaults::default() }, Step::SelfTests, "RNG health check failed"),
+        (CardFaults { bad_memory: true, ..CardFaults::default() }, Step::SelfTests, "memory self-test failed"),
+        (
+            CardFaults { bad_signature: true, ..CardFaults::default() },
+            Step::Attestation,
+            "attestation signature invalid",
+        ),
+    ];
+    for (faults, step, reason) in cases {
+        let (o, card) = rig.run(factory.make(ChipKind::Genuine, faults));
+        let f = failure(&o);
+        assert_eq!((f.step, f.reason.as_str()), (step, reason));
+        let rec = rig.card(&card.id());
+        assert_eq!(rec.status, "failed");
+        assert_eq!(rec.failed_step.as_deref(), Some(step.name()));
+        assert!(!rec.self_tests);
+    }
+}
+
+#[test]
+fn card_removed_mid_load_fails_retryable_and_finishes_when_reinserted() {
+    let rig = Rig::new();
+    let mut factory = ChipFactory::new(5);
+    // APDU 30 is well inside LOAD (identify and session take about 8).
+    let faults = CardFaults { remove_at: Some((30, TearPoint::After)), ..CardFaults::default() };
+    let (o, card) = rig.run(factory.make(ChipKind::Genuine, faults));
+    let f = failure(&o);
+    assert_eq!((f.step, f.reason.as_str(), f.retryable), (Step::Firmware, "card removed", true));
+    assert!(card.view().packages.is_empty(), "a torn load leaves no package");
+    let rec = rig.card(&card.id());
+    assert_eq!((rec.status.as_str(), rec.retryable), ("failed", Some(true)));
+
+    let (o, card) = rig.run(card);
+    assert!(o.passed(), "{:?}", o.result);
+    assert_eq!(o.attempt, 2);
+    let rec = rig.card(&card.id());
+    assert_eq!((rec.status.as_str(), rec.attempts), ("passed", 2));
+}
+
+#[test]
+fn tearing_after_every_apdu_resumes_to_a_fully_provisioned_card() {
+    let rig = Rig::new();
+    let mut factory = ChipFactory::new(6);
+    // Find the PUT KEY: run a clean card and count APDUs up to rotation.
+    let (clean, clean_card) = rig.run(factory.make(ChipKind::Genuine, CardFaults::default()));
+    assert!(clean.passed());
+    let total = clean_card.view().apdus;
+    let mut resumed = 0;
+    for n in 1..=total {
+        for point in [TearPoint::Before, TearPoint::After] {
+            let faults = CardFaults { remove_at: Some((n, point)), ..CardFaults::default() };
+            let (o, card) = rig.run(factory.make(ChipKind::Genuine, faults));
+            if o.passed() {
+                continue;
+            }
+            assert!(failure(&o).retryable, "APDU {n} {point:?}: {:?}", o.result);
+            let (again, card) = rig.run(card);
+            assert!(again.passed(), "APDU {n} {point:?}: resume failed: {:?}", again.result);
+            let rec = rig.card(&card.id());
+            assert_eq!(rec.gp_key_version, Some(1));
+            assert_eq!(card.view().key_versions, vec![1], "the ledger's key version is the card's");
+            resumed += 1;
+        }
+    }
+    assert!(resumed as u64 >= total, "every APDU of the recipe was torn at least once ({resumed})");
+}
+
+#[test]
+fn wrong_firmware_already_on_the_card_is_replaced() {
+    let rig = Rig::new();
+    let mut factory = ChipFactory::new(7);
+    let mut card = factory.make(ChipKind::Genuine, CardFaults::default());
+    let old = rig::demo_wallet_cap((0, 9), 4000).expect("old cap");
+    let cap = card::cap::CapFile::from_bytes(&old).expect("parses");
+    card.preload_package(
+        &card::wallet::PACKAGE_AID,
+        (0, 9),
+        &cap.load_file(false),
+        vec![card::wallet::APPLET_AID.to_vec()],
+    );
+    let (o, card) = rig.run(card);
+    assert!(o.passed(), "{:?}", o.result);
+    assert_eq!(card.view().packages[0].hash, rig.recipe.firmware.load_file_sha256);
+    let steps = export::steps(&rig.ledger_path, &card.id().to_hex()).expect("steps");
+    let fw = steps.iter().find(|s| s.step == "firmware" && s.event == "done").expect("firmware done");
+    assert!(fw.detail.as_deref().unwrap_or("").contains("after deleting"), "{fw:?}");
+}
+
+#[test]
+fn a_passed_card_presented_again_is_refused_and_its_record_kept() {
+    let rig = Rig::new();
+    let mut factory = ChipFactory::new(8);
+    let (o, card) = rig.run(factory.make(ChipKind::Genuine, CardFaults::default()));
+    assert!(o.passed());
+    let before = rig.card(&card.id());
+    let clone = factory.make(ChipKind::Clone(card.id()), CardFaults::default());
+    let (o2, _) = rig.run(clone);
+    let f = failure(&o2);
+    assert_eq!(f.reason, "already provisioned");
+    assert_eq!(rig.card(&card.id()), before, "the passed record is untouched");
+}
