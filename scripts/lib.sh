@@ -1,0 +1,34 @@
+# Shared helpers for the scripts in this folder. Source it; don't run it.
+
+# The Debian packages a build of this workspace needs: a C compiler for the
+# bundled SQLite and pkg-config for -sys crates.
+BUILD_PACKAGES=(build-essential pkg-config)
+
+# as_root CMD...: runs CMD as root (sudo when not root).
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# need_packages PKG...: installs the Debian packages that are missing.
+need_packages() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+}
+
+# need_rust: the workspace needs Rust 1.89 or newer (edition 2024).
+need_rust() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "Rust is not installed: install a toolchain of 1.89 or newer (https://rustup.rs), then run this again." >&2
+    exit 1
+  fi
+}
