@@ -1,6 +1,6 @@
 //! Profiles: the YAML that tells the station what to make (product,
 //! firmware, GP keys and security level, key rotation, pinned CAs,
-//! self-tests, timeouts). Parsed with unknown keys rejected, then validated
+//! self-tests, timeouts, retries). Parsed with unknown keys rejected, then validated
 //! as a whole: every problem is reported with file, line and field. Secrets
 //! (GP keys) may be given inline (demo only), or as `env:NAME` or
 //! `file:PATH`, and are never printed.
@@ -59,6 +59,27 @@ struct RawProfile {
     self_tests: RawSelfTests,
     #[serde(default)]
     timeouts: RawTimeouts,
+    #[serde(default)]
+    retries: RawRetries,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetries {
+    /// Extra attempts on a card that failed for a retryable reason (reset,
+    /// timeout) while it stays on the reader.
+    #[serde(default = "default_card_retries")]
+    card: Spanned<u32>,
+}
+
+fn default_card_retries() -> Spanned<u32> {
+    unspanned(1)
+}
+
+impl Default for RawRetries {
+    fn default() -> Self {
+        Self { card: default_card_retries() }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,6 +262,8 @@ pub struct Profile {
     pub vendor_cas: Vec<VerifyingKey>,
     pub self_tests: SelfTests,
     pub timeouts: Timeouts,
+    /// Extra attempts on a card still on its reader after a retryable failure.
+    pub card_retries: u32,
 }
 
 impl Profile {
@@ -499,6 +522,9 @@ impl Validator {
         if !(1..=3600).contains(&t.card_s.value) {
             self.problem(&t.card_s, "timeouts.card_s", "must be within 1..=3600");
         }
+        if raw.retries.card.value > 5 {
+            self.problem(&raw.retries.card, "retries.card", "at most 5");
+        }
         if !self.problems.is_empty() {
             return None;
         }
@@ -523,6 +549,7 @@ impl Validator {
                 apdu: Duration::from_millis(u64::from(t.apdu_ms.value)),
                 card: Duration::from_secs(u64::from(t.card_s.value)),
             },
+            card_retries: raw.retries.card.value,
         })
     }
 }

@@ -25,6 +25,8 @@ pub enum SimFault {
     SelfTest,
     /// The card stops answering.
     Mute,
+    /// The card browns out and resets once (retried on its reader).
+    Reset,
     /// Stuck random number generator.
     Rng,
     /// Card-key signatures are corrupted.
@@ -38,13 +40,14 @@ pub enum SimFault {
 }
 
 impl SimFault {
-    pub const ALL: [SimFault; 11] = [
+    pub const ALL: [SimFault; 12] = [
         SimFault::Counterfeit,
         SimFault::Expired,
         SimFault::WrongKeys,
         SimFault::Tear,
         SimFault::SelfTest,
         SimFault::Mute,
+        SimFault::Reset,
         SimFault::Rng,
         SimFault::BadSignature,
         SimFault::Memory,
@@ -60,6 +63,7 @@ impl SimFault {
             Self::Tear => "tear",
             Self::SelfTest => "selftest",
             Self::Mute => "mute",
+            Self::Reset => "reset",
             Self::Rng => "rng",
             Self::BadSignature => "badsig",
             Self::Memory => "memory",
@@ -169,6 +173,7 @@ pub fn make_cards(count: usize, seed: u64, faults: &SimFaults) -> Vec<EmuCard> {
                 }
                 Some(SimFault::SelfTest) => f.failing_kat = true,
                 Some(SimFault::Mute) => f.mute_from = Some(3 + (uniform(&mut rng) * 60.0) as u64),
+                Some(SimFault::Reset) => f.reset_at = Some(3 + (uniform(&mut rng) * 97.0) as u64),
                 Some(SimFault::Rng) => f.stuck_rng = true,
                 Some(SimFault::BadSignature) => f.bad_signature = true,
                 Some(SimFault::Memory) => f.bad_memory = true,

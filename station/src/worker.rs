@@ -78,13 +78,27 @@ pub fn run(
             continue;
         }
         lane(LaneState::Working);
-        let outcome = process(&mut *reader, &recipe, &events);
-        let outcome = match outcome {
-            Ok(o) => o,
-            Err(e) => {
-                let _ = events.send(Event::Fatal { reader: id.clone(), error: e });
-                return;
+        let mut tries = 0;
+        let outcome = loop {
+            let outcome = match process(&mut *reader, &recipe, &events) {
+                Ok(o) => o,
+                Err(e) => {
+                    let _ = events.send(Event::Fatal { reader: id.clone(), error: e });
+                    return;
+                }
+            };
+            // Retry a retryable failure while the same card stays on the
+            // reader (connect powers it up afresh); a card that left cannot
+            // be retried here.
+            let retry = matches!(&outcome.result, Err(f) if f.retryable)
+                && tries < recipe.profile.card_retries
+                && !stop.load(Ordering::Relaxed)
+                && reader.wait_change(&known, Duration::ZERO).is_ok_and(|s| s == known);
+            if !retry {
+                break outcome;
             }
+            tries += 1;
+            tracing::info!(reader = %id, try = tries + 1, "retrying card after a retryable failure");
         };
         let bin = if outcome.passed() { Bin::Pass } else { Bin::Fail };
         lane(if outcome.passed() { LaneState::Pass } else { LaneState::Fail });

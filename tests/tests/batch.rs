@@ -124,3 +124,19 @@ fn a_mute_card_does_not_stall_the_other_readers() {
         b.export.cards.iter().filter(|c| c.status == "passed").map(|c| c.reader.as_str()).collect();
     assert!(readers.len() >= 3, "passes came from several readers: {readers:?}");
 }
+
+#[test]
+fn a_card_that_resets_mid_recipe_is_retried_on_its_reader_and_passes() {
+    let mut f = ChipFactory::new(11);
+    let glitchy = f.make(ChipKind::Genuine, CardFaults { reset_at: Some(35), ..CardFaults::default() });
+    let id = glitchy.id().to_hex();
+    let b = run_batch(demo_profile(), 1, vec![glitchy], 0.0);
+    assert_eq!(b.summary.passed(), 1, "{:?}", b.summary.outcomes);
+    let rec = b.export.cards.iter().find(|c| c.card_id == id).expect("recorded");
+    assert_eq!((rec.status.as_str(), rec.attempts), ("passed", 2));
+    assert_eq!(b.summary.first_pass_yield(), 0.0, "a retried card is not a first-pass card");
+    let steps = station::ledger::export::steps(&b.ledger, &id).expect("journal");
+    let failed: Vec<_> = steps.iter().filter(|s| s.event == "failed").collect();
+    assert_eq!(failed.len(), 1, "{steps:#?}");
+    assert!(failed[0].detail.as_deref().unwrap_or("").contains("reset"), "{failed:?}");
+}

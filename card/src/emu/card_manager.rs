@@ -340,7 +340,13 @@ fn install_for_install(ctx: &mut Ctx<'_>, cmd: &Command) -> Handled {
         aid: inst_aid.to_vec(),
         class_aid: class_aid.to_vec(),
         package_aid: pkg_aid.to_vec(),
-        state: app_state::SELECTABLE,
+        // INSTALL [for install] alone leaves the application INSTALLED; only
+        // "and make selectable" makes it SELECTABLE (GP Card Spec v2.3 §5.3.1).
+        state: if cmd.p1 & crate::gp::install::FOR_MAKE_SELECTABLE != 0 {
+            app_state::SELECTABLE
+        } else {
+            app_state::INSTALLED
+        },
         privileges: privs.first().copied().unwrap_or(0),
     });
     if is_wallet {

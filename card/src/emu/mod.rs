@@ -46,6 +46,9 @@ pub struct CardFaults {
     pub remove_at: Option<(u64, TearPoint)>,
     /// From APDU n on, the card never answers.
     pub mute_from: Option<u64>,
+    /// At APDU n the card browns out and resets (weak field): it stays on
+    /// the reader but loses its session; the APDU is not processed.
+    pub reset_at: Option<u64>,
     /// Answer every command with this INS with this status word.
     pub wrong_sw: Option<(u8, StatusWord)>,
     /// Corrupt every signature the card makes with its card key.
@@ -65,6 +68,7 @@ impl Default for CardFaults {
         Self {
             remove_at: None,
             mute_from: None,
+            reset_at: None,
             wrong_sw: None,
             bad_signature: false,
             stuck_rng: false,
@@ -90,6 +94,8 @@ pub enum Exchange {
     Removed { latency: Duration },
     /// The card does not answer.
     Mute,
+    /// The card reset itself; it is still in the field.
+    Reset,
 }
 
 /// The immutable identity burned into the chip at manufacture.
@@ -240,6 +246,11 @@ impl EmuCard {
         let n = self.apdus;
         if self.faults.mute_from.is_some_and(|m| n >= m) {
             return Exchange::Mute;
+        }
+        if self.faults.reset_at == Some(n) {
+            self.faults.reset_at = None;
+            self.ram = Transient::power_on();
+            return Exchange::Reset;
         }
         let tear = match self.faults.remove_at {
             Some((at, point)) if at == n => {

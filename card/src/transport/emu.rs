@@ -207,6 +207,10 @@ impl Transport for EmuTransport {
                 self.sleep_modeled(latency);
                 Err(TransportError::CardRemoved)
             }
+            Exchange::Reset => {
+                self.sleep_modeled(crate::emu::latency::LatencyModel::JCOP4.duration(crate::emu::latency::Cost::Small));
+                Err(TransportError::CardReset)
+            }
             Exchange::Mute => {
                 self.sleep_modeled(self.slot.mute_timeout);
                 Err(TransportError::Timeout(self.slot.mute_timeout))
