@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use card::transport::CardReader;
+use card::transport::{CardReader, ReaderMonitor, TransportError};
 
 use crate::handler::CardHandler;
 use crate::recipe::{CardOutcome, Recipe};
@@ -63,6 +63,11 @@ impl Summary {
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v
     }
+}
+
+/// Opens every reader the monitor lists.
+pub fn open_all(monitor: &mut dyn ReaderMonitor) -> Result<Vec<Box<dyn CardReader>>, TransportError> {
+    monitor.readers()?.iter().map(|id| monitor.open(id)).collect()
 }
 
 /// Runs workers on `readers` until `target` outcomes arrived; `on_event`

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use card::emu::EmuCard;
-use card::transport::CardReader;
 use card::transport::emu::EmuBank;
 use station::batch::{self, Summary};
 use station::firmware::Firmware;
@@ -56,8 +55,7 @@ pub fn run_batch(profile: Arc<Profile>, readers: usize, cards: Vec<EmuCard>, spe
     let bank = EmuBank::new(readers, speed, Duration::from_millis(200));
     let feeder = Arc::new(EmuFeeder::new(bank.clone(), cards));
     feeder.fill();
-    let readers: Vec<Box<dyn CardReader>> =
-        (0..readers).filter_map(|i| bank.reader(i)).map(|r| Box::new(r) as Box<dyn CardReader>).collect();
+    let readers = batch::open_all(&mut bank.clone()).expect("emulated readers");
     let recipe = Arc::new(Recipe::new(profile, Arc::clone(&firmware), ledger.clone(), batch_id));
     let summary = batch::run(readers, recipe, Arc::clone(&feeder) as _, target, |_| {}).expect("batch runs");
     ledger.finish_batch(batch_id).expect("finish");
