@@ -2,9 +2,10 @@
 //! section "Test vectors"). Every expected value is a hex literal computed
 //! once from the code and frozen here, so a change to any encoding, digest
 //! or signature fails a test; the same literals are in the document, and
-//! `the_document_carries_every_vector` keeps the two in step. The last test
-//! drives the emulated card to check the status words and lifecycle rules
-//! the document's command tables state.
+//! `the_document_carries_every_vector` keeps the two in step. Further tests
+//! check that only the canonical encodings parse, and drive the emulated
+//! card to check the status words, lifecycle rules, default selection and
+//! self-test results the document's command tables state.
 
 use std::time::Duration;
 
@@ -80,10 +81,10 @@ const EMPTY_DIGEST_WALLET_KEY: &str = "448f4321b87e8e54f6e7169d634642230d21bb8e6
 const EMPTY_DIGEST_SELF_TEST: &str = "c4fa083914c7cbb3a1ea0c6325c8a7e14f7ccbf0a8882e0922dac32b5b1a2beb";
 const EMPTY_DIGEST_MEMORY_PATTERN: &str = "4af9b668c514eaa4fecdb791a30587eb0347b01e80b3e595b7db3138cd3e1f2d";
 
-const CERT_TBS: &str = "5f2901014208f1d12012406b87af5f200a479050401234deadbeef7f4921024d4b6cd1361032ca9bd2aeb9d900aa4d45d9ead80ac9423374c451a7254d07665f250800000000659200805f2408000000008b309e00";
-const CERT_TBS_DIGEST: &str = "5a6c0805c96ed63c42b2c008ace73bb84f61644d98e786e805a0b71cb0f0819c";
-const CERT_SIGNATURE: &str = "c3f9bdb615b8a080ace516f544688e6cb5a6495afa8b2fede89886774906352d0279daf49710400573d4af2e787a3a0e992589cb9409e9baea9f92de7a90c37c";
-const CERT: &str = "7f2181985f2901014208f1d12012406b87af5f200a479050401234deadbeef7f4921024d4b6cd1361032ca9bd2aeb9d900aa4d45d9ead80ac9423374c451a7254d07665f250800000000659200805f2408000000008b309e005f3740c3f9bdb615b8a080ace516f544688e6cb5a6495afa8b2fede89886774906352d0279daf49710400573d4af2e787a3a0e992589cb9409e9baea9f92de7a90c37c";
+const CERT_TBS: &str = "5f2901014208f1d12012406b87af5f200a479050401234deadbeef7f49238621024d4b6cd1361032ca9bd2aeb9d900aa4d45d9ead80ac9423374c451a7254d07665f250800000000659200805f2408000000008b309e00";
+const CERT_TBS_DIGEST: &str = "0d9556d34b79fde8c8c815ae509d7914dd2362ec25463dee251d0543443db468";
+const CERT_SIGNATURE: &str = "e68be099bb76b7791d7da072fa6defc0d3df3f7d0716a12bd04a120c82129cce04475172e030c06ebc34b72078616cb96af38980370ffc9e27d6a2651405469d";
+const CERT: &str = "7f21819a5f2901014208f1d12012406b87af5f200a479050401234deadbeef7f49238621024d4b6cd1361032ca9bd2aeb9d900aa4d45d9ead80ac9423374c451a7254d07665f250800000000659200805f2408000000008b309e005f3740e68be099bb76b7791d7da072fa6defc0d3df3f7d0716a12bd04a120c82129cce04475172e030c06ebc34b72078616cb96af38980370ffc9e27d6a2651405469d";
 
 const ATTEST_INSTALLED_PREIMAGE: &str = "00115441504c494e452f6174746573742f76310020000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f000a479050401234deadbeef0004000000010001010020a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebf0000";
 const ATTEST_INSTALLED_DIGEST: &str = "496532e9836d6bbf059690f464d34275a18afa955e0dc2334fec1fd03c247806";
@@ -101,11 +102,13 @@ const WALLET_KEY_SIGNATURE: &str = "298bcb99503d556000f8f67b717beb21166f76ffce80
 const WALLET_KEY_RESPONSE: &str = "842102531fe6068134503d2723133227c867ac8fa6c83c537e9a44c3c5bdbdcb1fe3379e40298bcb99503d556000f8f67b717beb21166f76ffce801ebdbc42e8ba4e19548f03838f4830c223258bc6965e99cfc6fb6fae770374348092627d2f83da8f2f1b";
 
 const SIGN_SIGNATURE: &str = "b9965d92ed76d342ecfeb4e3b5f24096fae0e1d30b28bba5dfdd49b3842ee06f7c21c7a9eb33c81cdeaa94d9bcc94a740fbd9893bc17825794f3b86ef82b7045";
+const SIGN_RESPONSE: &str = "9e40b9965d92ed76d342ecfeb4e3b5f24096fae0e1d30b28bba5dfdd49b3842ee06f7c21c7a9eb33c81cdeaa94d9bcc94a740fbd9893bc17825794f3b86ef82b7045";
 
 const SELF_TEST_DIGEST: &str = "89ca7bdf9553b92e393845d1d8fccc0023245a8c5f7895646e25c2d1bf8deaa7";
 const SELF_TEST_SIGNATURE: &str = "f03f149eee2ed8132f476208018f7c5bcfac28400da5592c0e6e878ba40ffb007a3d542c0dae88bb951b26d78bd53e73780203a810f5affac36057f944a57dbe";
 const SELF_TEST_RESPONSE: &str = "9e40f03f149eee2ed8132f476208018f7c5bcfac28400da5592c0e6e878ba40ffb007a3d542c0dae88bb951b26d78bd53e73780203a810f5affac36057f944a57dbe";
 const KAT_RESPONSE_ALL: &str = "86011f";
+const KAT_RESPONSE_STUCK_RNG: &str = "86010f";
 
 const MEMORY_PATTERN_FIRST_32: &str = "df651505fe76301b3a5489db4c92b5250cef705f36c92b47fc593933f389b663";
 const MEMORY_RESPONSE: &str = "87209ebe2958043ef3a2b00ae1c738f7c16961cc964079c0db4acebfab373e2cee4d";
@@ -161,10 +164,12 @@ const ALL_HEX: &[(&str, &str)] = &[
     ("WALLET_KEY_SIGNATURE", WALLET_KEY_SIGNATURE),
     ("WALLET_KEY_RESPONSE", WALLET_KEY_RESPONSE),
     ("SIGN_SIGNATURE", SIGN_SIGNATURE),
+    ("SIGN_RESPONSE", SIGN_RESPONSE),
     ("SELF_TEST_DIGEST", SELF_TEST_DIGEST),
     ("SELF_TEST_SIGNATURE", SELF_TEST_SIGNATURE),
     ("SELF_TEST_RESPONSE", SELF_TEST_RESPONSE),
     ("KAT_RESPONSE_ALL", KAT_RESPONSE_ALL),
+    ("KAT_RESPONSE_STUCK_RNG", KAT_RESPONSE_STUCK_RNG),
     ("MEMORY_PATTERN_FIRST_32", MEMORY_PATTERN_FIRST_32),
     ("MEMORY_RESPONSE", MEMORY_RESPONSE),
     ("SELECT_RESPONSE_KEYED", SELECT_RESPONSE_KEYED),
@@ -306,17 +311,24 @@ fn identity_certificate() {
     let encoded = cert.encode();
     pin!(CERT, &encoded);
     pin!(CERT_SIGNATURE, cert.signature);
-    // The TBS is the body of 7F21 (after 7F 21 81 98) up to the signature object.
-    assert_eq!(&encoded[..4], [0x7F, 0x21, 0x81, 0x98]);
+    // The TBS is the body of 7F21 (after 7F 21 81 9A) up to the signature object.
+    assert_eq!(encoded.len(), 158);
+    assert_eq!(&encoded[..4], [0x7F, 0x21, 0x81, 0x9A]);
     let tbs = &encoded[4..encoded.len() - 67];
     assert_eq!(&encoded[encoded.len() - 67..encoded.len() - 64], [0x5F, 0x37, 0x40]);
     pin!(CERT_TBS, tbs);
+    // Six objects in order; the key is a template 7F49 { 86 <33-byte point> }.
+    let fields = card::tlv::parse_all(tbs).expect("TBS is TLV");
+    assert_eq!(fields.iter().map(|f| f.tag).collect::<Vec<u32>>(), [0x5F29, 0x42, 0x5F20, 0x7F49, 0x5F25, 0x5F24]);
+    let key_template = fields[3].children().expect("7F49 is a template");
+    assert_eq!(key_template.len(), 1);
+    assert_eq!((key_template[0].tag, key_template[0].value), (0x86, &bytes::<33>(CARD_PUBLIC)[..]));
     let tbs_digest = message_digest(domain::CERT, &[tbs]);
     pin!(CERT_TBS_DIGEST, tbs_digest);
     let ca = *key(&CA_SECRET).verifying_key();
     assert!(verify_digest(&ca, &tbs_digest, &cert.signature));
     // Parsing gives the same certificate; verification at the validity bounds.
-    let parsed = Certificate::parse(&bytes::<156>(CERT)).expect("vector certificate parses");
+    let parsed = Certificate::parse(&bytes::<158>(CERT)).expect("vector certificate parses");
     assert_eq!(parsed, cert);
     let (card_key, index) = parsed.verify(&[ca], NOT_BEFORE).expect("valid at notBefore");
     assert_eq!(index, 0);
@@ -435,6 +447,8 @@ fn wallet_sign_of_a_host_digest() {
     let signature = sign_digest(&key(&WALLET_SECRET), &digest);
     pin!(SIGN_SIGNATURE, signature);
     assert!(verify_digest(key(&WALLET_SECRET).verifying_key(), &digest, &signature));
+    // The card answers the signature as one TLV: 9E 40 r||s.
+    pin!(SIGN_RESPONSE, card::tlv::tlv(0x9E, &signature));
 }
 
 #[test]
@@ -447,10 +461,71 @@ fn self_test_signature_and_kat() {
     pin!(SELF_TEST_SIGNATURE, signature);
     pin!(SELF_TEST_RESPONSE, card::tlv::tlv(0x9E, &signature));
     pin!(KAT_RESPONSE_ALL, card::tlv::tlv(0x86, &[self_test::KAT_ALL]));
+    pin!(KAT_RESPONSE_STUCK_RNG, card::tlv::tlv(0x86, &[self_test::KAT_ALL & !self_test::KAT_RNG]));
     assert_eq!(
         self_test::KAT_ALL,
         self_test::KAT_SHA256 | self_test::KAT_AES | self_test::KAT_ECDSA | self_test::KAT_ECDH | self_test::KAT_RNG
     );
+}
+
+/// The objects of a TLV sequence, each encoded again on its own.
+fn objects(data: &[u8]) -> Vec<Vec<u8>> {
+    card::tlv::parse_all(data).expect("TLV").iter().map(|o| card::tlv::tlv(o.tag, o.value)).collect()
+}
+
+fn refused_as_non_canonical<T: std::fmt::Debug>(parsed: Result<T, card::CardError>, what: &str) {
+    let err = parsed.expect_err(what);
+    assert!(err.to_string().contains("not in canonical encoding"), "{what}: {err}");
+}
+
+#[test]
+fn only_the_canonical_encoding_parses() {
+    // Certificate: the same seven fields in any other encoding are refused.
+    let cert = hex::decode(CERT).expect("hex");
+    let (outer, _) = card::tlv::parse_one(&cert).expect("7F21");
+    let fields = objects(outer.value);
+    let wrap = |fields: &[Vec<u8>]| card::tlv::tlv(0x7F21, &fields.concat());
+    assert_eq!((fields.len(), wrap(&fields)), (7, cert.clone()), "the fields in order give the vector");
+    let mut reordered = fields.clone();
+    reordered.swap(0, 1);
+    refused_as_non_canonical(Certificate::parse(&wrap(&reordered)), "issuer before version");
+    let mut duplicated = fields.clone();
+    duplicated.insert(1, fields[0].clone());
+    refused_as_non_canonical(Certificate::parse(&wrap(&duplicated)), "version twice");
+    let mut unknown = fields.clone();
+    unknown.insert(6, card::tlv::tlv(0x5F4C, &[0x00]));
+    refused_as_non_canonical(Certificate::parse(&wrap(&unknown)), "unknown tag");
+    let mut long_length = fields.clone();
+    long_length[1] = [&[0x42, 0x81, 0x08][..], &fields[1][2..]].concat();
+    refused_as_non_canonical(Certificate::parse(&wrap(&long_length)), "issuer length 81 08");
+    let long_outer = [&[0x7F, 0x21, 0x82, 0x00, 0x9A][..], &cert[4..]].concat();
+    refused_as_non_canonical(Certificate::parse(&long_outer), "outer length 82 009A");
+    let point = bytes::<33>(CARD_PUBLIC);
+    let mut key_extra = fields.clone();
+    key_extra[3] = card::tlv::tlv(0x7F49, &[card::tlv::tlv(0x86, &point), card::tlv::tlv(0x87, &[0x00])].concat());
+    refused_as_non_canonical(Certificate::parse(&wrap(&key_extra)), "extra object in 7F49");
+    // The point directly in 7F49 (no 86 inside) is not a certificate at all.
+    let mut raw_point = fields.clone();
+    raw_point[3] = card::tlv::tlv(0x7F49, &point);
+    assert!(Certificate::parse(&wrap(&raw_point)).is_err(), "raw point in 7F49");
+
+    // ATTEST responses: an extra trailing object, or another order.
+    let att = hex::decode(ATTEST_INSTALLED_RESPONSE).expect("hex");
+    refused_as_non_canonical(Attestation::parse(&[att.clone(), card::tlv::tlv(0x85, &[0x01])].concat()), "trailing 85");
+    let mut swapped = objects(&att);
+    swapped.swap(0, 1);
+    refused_as_non_canonical(Attestation::parse(&swapped.concat()), "counter before card id");
+    let mut keyed = objects(&hex::decode(ATTEST_KEYED_RESPONSE).expect("hex"));
+    keyed.swap(4, 5);
+    refused_as_non_canonical(Attestation::parse(&keyed.concat()), "signature before wallet key");
+
+    // Wallet key proof: 9E before 84, or an extra object.
+    let mut proof = objects(&hex::decode(WALLET_KEY_RESPONSE).expect("hex"));
+    proof.push(card::tlv::tlv(0x85, &[0x01]));
+    refused_as_non_canonical(WalletKeyProof::parse(&proof.concat()), "trailing 85");
+    proof.pop();
+    proof.reverse();
+    refused_as_non_canonical(WalletKeyProof::parse(&proof.concat()), "signature before key");
 }
 
 #[test]
@@ -508,7 +583,7 @@ fn command_apdus_of_the_host_client() {
             ok(ATTEST_KEYED_RESPONSE),
             ok(WALLET_KEY_RESPONSE),
             ok(WALLET_KEY_RESPONSE),
-            ok(SIGN_SIGNATURE),
+            ok(SIGN_RESPONSE),
             ok(KAT_RESPONSE_ALL),
             ok(SELF_TEST_RESPONSE),
             ok(MEMORY_RESPONSE),
@@ -593,10 +668,19 @@ fn the_card_model_follows_the_command_tables() {
     let mut t = reader.connect().expect("card present");
     let t: &mut dyn Transport = &mut *t;
 
-    // Identity from the card manager before any applet exists.
-    card::gp::session::select_isd(t).expect("SELECT ISD");
-    let cplc = card::gp::session::read_cplc(t).expect("CPLC");
+    // Identity from the card manager before any applet exists. The ISD is
+    // the default selected application at power-up: no SELECT needed.
+    let cplc = card::gp::session::read_cplc(t).expect("CPLC without SELECT");
     let cert_bytes = card::gp::session::read_identity(t).expect("GET DATA 7F21").expect("offered");
+    let card_data = t.transmit(&card::gp::get_data(0x0066)).expect("answer");
+    assert_eq!((card_data.sw, card_data.data.first()), (StatusWord::OK, Some(&0x66)), "GET DATA 66 without SELECT");
+    // A wallet command that reaches the card manager is not the applet's.
+    assert_eq!(transmit(t, 0x80, 0x10, 0, &[]).sw, StatusWord::SECURITY_STATUS);
+    // After a failed SELECT nothing is selected, until a SELECT succeeds.
+    assert_eq!(transmit(t, 0x00, 0xA4, 0x04, &[0xF0, 0x00, 0x00, 0x00, 0x01]).sw, StatusWord::FILE_NOT_FOUND);
+    assert_eq!(t.transmit(&card::gp::get_data(0x9F7F)).expect("answer").sw, StatusWord::CONDITIONS_NOT_SATISFIED);
+    card::gp::session::select_isd(t).expect("SELECT ISD");
+    assert_eq!(card::gp::session::read_cplc(t).expect("CPLC after SELECT ISD"), cplc);
     let cert = Certificate::parse(&cert_bytes).expect("certificate parses");
     assert_eq!(cert.subject, cplc.card_id());
     let (card_key, _) = cert.verify(&[demo_vendor_ca_public()], NOT_BEFORE + 1).expect("chains to the demo CA");
@@ -632,8 +716,8 @@ fn the_card_model_follows_the_command_tables() {
         proof.public_key
     );
     let r = transmit(t, 0x80, 0x30, 0, &bytes::<32>(SIGN_INPUT));
-    assert_eq!(r.data.len(), 64, "SIGN answers bare r||s");
-    assert!(verify_digest(&wallet, &bytes(SIGN_INPUT), &r.data));
+    assert_eq!((r.sw, r.data.len(), &r.data[..2]), (StatusWord::OK, 66, &[0x9E, 0x40][..]), "SIGN answers 9E 40 r||s");
+    assert!(verify_digest(&wallet, &bytes(SIGN_INPUT), &r.data[2..]));
     let att = Attestation::parse(&transmit(t, 0x80, 0x12, 0, &challenge).data).expect("attestation");
     assert_eq!((att.counter, att.lifecycle, att.wallet_key), (2, 0x03, Some(proof.public_key)));
 
@@ -666,12 +750,14 @@ fn the_card_model_follows_the_command_tables() {
     assert_eq!(transmit(t, 0x00, 0x10, 0, &[]).sw, StatusWord::CLA_NOT_SUPPORTED);
     assert_eq!(transmit(t, 0x84, 0x10, 0, &[]).sw, StatusWord::CLA_NOT_SUPPORTED);
     assert_eq!(transmit(t, 0x80, 0x84, 0, &[]).sw, StatusWord::INS_NOT_SUPPORTED);
-    for ins in 0x50..=0x5F {
+    for ins in 0x24..=0x2F {
         assert_eq!(transmit(t, 0x80, ins, 0, &[]).sw, StatusWord::INS_NOT_SUPPORTED, "reserved INS {ins:02X}");
     }
 
-    // Rework: delete the instance and install again. The wallet key is
-    // gone, the lifecycle is back to Installed, the counter carries on.
+    // Rework of a Keyed (not Sealed) card: delete the instance and install
+    // again. The wallet key is gone, the lifecycle is back to Installed, the
+    // counter carries on. (The refusal to DELETE a Sealed wallet is not
+    // tested here: version 1 has no command that seals a card.)
     {
         let ring = KeyRing::new().with(0xFF, KeySource::Static(StaticKeys::gp_default()));
         let mut gp = GpSession::open(t, &ring, 0, SecurityLevel::CMac).expect("GP session");
@@ -682,6 +768,37 @@ fn the_card_model_follows_the_command_tables() {
     assert_eq!(hex::encode(transmit(t, 0x00, 0xA4, 0x04, &APPLET_AID).data), "850101820101");
     let att = Attestation::parse(&transmit(t, 0x80, 0x12, 0, &challenge).data).expect("attestation");
     assert_eq!((att.counter, att.lifecycle, att.wallet_key), (3, 0x01, None));
+}
+
+#[test]
+fn kat_clears_the_rng_bit_when_the_rng_is_stuck() {
+    let cap_zip = CapBuilder::new(&PACKAGE_AID, "tapline/wallet").applet(&APPLET_AID).build().expect("cap builds");
+    let cap = CapFile::from_bytes(&cap_zip).expect("cap parses");
+    let bank = EmuBank::new(1, 0.0, Duration::from_millis(10));
+    let chip = ChipFactory::new(12).make(ChipKind::Genuine, CardFaults { stuck_rng: true, ..CardFaults::default() });
+    bank.slots()[0].insert(chip).expect("slot is empty");
+    let mut reader = bank.reader(0).expect("reader 0");
+    let mut t = reader.connect().expect("card present");
+    let t: &mut dyn Transport = &mut *t;
+    install_wallet(t, &cap);
+    assert_eq!(transmit(t, 0x00, 0xA4, 0x04, &APPLET_AID).sw, StatusWord::OK);
+    let r = transmit(t, 0x80, 0x40, 0x01, &[]);
+    assert_eq!((r.sw, hex::encode(&r.data).as_str()), (StatusWord::OK, KAT_RESPONSE_STUCK_RNG));
+}
+
+/// The latency classes of section 9.1, in milliseconds, for both models.
+#[test]
+fn latency_classes_of_the_document() {
+    use card::emu::latency::{Cost, LatencyModel};
+    let ms = |model: &LatencyModel, cost: Cost| (model.duration(cost).as_secs_f64() * 1000.0).round();
+    for (model, want) in [
+        (LatencyModel::JCOP4, [12.0, 44.0, 72.0, 162.0, 72.0]),
+        (LatencyModel::SLOW, [18.0, 74.0, 224.0, 318.0, 118.0]),
+    ] {
+        let got =
+            [Cost::Small, Cost::Sign(1), Cost::KeyGen, Cost::SelfTestKat, Cost::MemoryTest].map(|c| ms(&model, c));
+        assert_eq!(got, want, "small, sign, keygen, KAT, memory");
+    }
 }
 
 // ---------------------------------------------------------------------------

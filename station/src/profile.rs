@@ -106,11 +106,14 @@ struct RawGp {
     rotation: Option<RawRotation>,
 }
 
+/// A key set: `key` (one key for all three roles, or `default` for the GP
+/// test keys 40..4F) or `enc`, `mac` and `dek`. `version` belongs to the
+/// factory set only (a rotation gives its version beside `master`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawKeySet {
-    version: Spanned<u32>,
-    /// `default` (the GP test keys 40..4F) or one key for all three roles.
+    #[serde(default)]
+    version: Option<Spanned<u32>>,
     #[serde(default)]
     key: Option<Spanned<String>>,
     #[serde(default)]
@@ -127,20 +130,7 @@ struct RawRotation {
     enabled: bool,
     version: Spanned<u32>,
     diversification: Spanned<String>,
-    master: RawKeySetNoVersion,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawKeySetNoVersion {
-    #[serde(default)]
-    key: Option<Spanned<String>>,
-    #[serde(default)]
-    enc: Option<Spanned<String>>,
-    #[serde(default)]
-    mac: Option<Spanned<String>>,
-    #[serde(default)]
-    dek: Option<Spanned<String>>,
+    master: RawKeySet,
 }
 
 #[derive(Debug, Deserialize)]
@@ -386,15 +376,10 @@ impl Validator {
         }
     }
 
-    fn key_set(
-        &mut self,
-        key: &Option<Spanned<String>>,
-        parts: [&Option<Spanned<String>>; 3],
-        field: &str,
-        at: &Spanned<u32>,
-        allow_default: bool,
-    ) -> Option<StaticKeys> {
-        match (key, parts) {
+    /// The keys of a key set; `at` places problems that have no field of
+    /// their own.
+    fn key_set<T>(&mut self, set: &RawKeySet, field: &str, at: &Spanned<T>, allow_default: bool) -> Option<StaticKeys> {
+        match (&set.key, [&set.enc, &set.mac, &set.dek]) {
             (Some(k), [None, None, None]) if allow_default && k.value.trim() == "default" => {
                 Some(StaticKeys::gp_default())
             }
@@ -459,8 +444,14 @@ impl Validator {
             }
         };
         let fk = &raw.gp.factory_keys;
-        let factory_version = self.u8_field(&fk.version, "gp.factory_keys.version", 1..=255);
-        let factory_keys = self.key_set(&fk.key, [&fk.enc, &fk.mac, &fk.dek], "gp.factory_keys", &fk.version, true);
+        let factory_version = match &fk.version {
+            Some(v) => self.u8_field(v, "gp.factory_keys.version", 1..=255),
+            None => {
+                self.problem(level, "gp.factory_keys.version", "the factory key version is required");
+                None
+            }
+        };
+        let factory_keys = self.key_set(fk, "gp.factory_keys", level, true);
         let rotation = match &raw.gp.rotation {
             Some(r) if r.enabled => {
                 let version = self.u8_field(&r.version, "gp.rotation.version", 1..=0x7F);
@@ -474,8 +465,10 @@ impl Validator {
                         None
                     }
                 };
-                let m = &r.master;
-                let master = self.key_set(&m.key, [&m.enc, &m.mac, &m.dek], "gp.rotation.master", &r.version, false);
+                if let Some(v) = &r.master.version {
+                    self.problem(v, "gp.rotation.master.version", "give the version as gp.rotation.version");
+                }
+                let master = self.key_set(&r.master, "gp.rotation.master", &r.version, false);
                 match (version, master, diversification) {
                     (Some(version), Some(master), Some(diversification)) => {
                         Some(Rotation { version, master, diversification })

@@ -7,6 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use card::emu::factory::{ChipFactory, ChipKind};
+use card::emu::latency::LatencyModel;
 use card::emu::{CardFaults, Drbg, EmuCard, TearPoint};
 use card::sw::StatusWord;
 
@@ -33,7 +34,7 @@ pub enum SimFault {
     BadSignature,
     /// Memory test reads back wrong data.
     Memory,
-    /// 2.8x slower than a JCOP4.
+    /// A slow card model (125 ms a LOAD block, INSTALL 250 ms).
     Slow,
     /// LOAD answers "not enough memory".
     FullMemory,
@@ -159,6 +160,7 @@ pub fn make_cards(count: usize, seed: u64, faults: &SimFaults) -> Vec<EmuCard> {
             });
             let mut f = CardFaults::default();
             let mut kind = ChipKind::Genuine;
+            let mut latency = LatencyModel::JCOP4;
             match chosen.map(|(k, _)| *k) {
                 None => {}
                 Some(SimFault::Counterfeit) => kind = ChipKind::Counterfeit,
@@ -177,10 +179,12 @@ pub fn make_cards(count: usize, seed: u64, faults: &SimFaults) -> Vec<EmuCard> {
                 Some(SimFault::Rng) => f.stuck_rng = true,
                 Some(SimFault::BadSignature) => f.bad_signature = true,
                 Some(SimFault::Memory) => f.bad_memory = true,
-                Some(SimFault::Slow) => f.slow_factor = 2.8,
+                Some(SimFault::Slow) => latency = LatencyModel::SLOW,
                 Some(SimFault::FullMemory) => f.wrong_sw = Some((card::gp::ins::LOAD, StatusWord::NOT_ENOUGH_MEMORY)),
             }
-            factory.make(kind, f)
+            let mut card = factory.make(kind, f);
+            card.set_latency(latency);
+            card
         })
         .collect()
 }

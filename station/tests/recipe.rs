@@ -159,7 +159,7 @@ fn self_test_faults_fail_the_card_with_the_reason() {
     let mut factory = ChipFactory::new(4);
     let cases: [(CardFaults, Step, &str); 4] = [
         (CardFaults { failing_kat: true, ..CardFaults::default() }, Step::SelfTests, "KAT failed: ECDSA"),
-        (CardFaults { stuck_rng: true, ..CardFaults::default() }, Step::SelfTests, "RNG health check failed"),
+        (CardFaults { stuck_rng: true, ..CardFaults::default() }, Step::SelfTests, "KAT failed: RNG"),
         (CardFaults { bad_memory: true, ..CardFaults::default() }, Step::SelfTests, "memory self-test failed"),
         (
             CardFaults { bad_signature: true, ..CardFaults::default() },

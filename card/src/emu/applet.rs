@@ -144,13 +144,22 @@ fn sign(ctx: &Ctx<'_>, cmd: &Command) -> Handled {
     let Ok(key) = SigningKey::from_slice(&secret[..]) else {
         return status(StatusWord::MEMORY_FAILURE);
     };
-    (Response::ok(sign_digest(&key, &digest).to_vec()), Cost::Sign(1))
+    (Response::ok(tlv::tlv(tag::SIGNATURE, &sign_digest(&key, &digest))), Cost::Sign(1))
 }
 
 fn self_test(ctx: &mut Ctx<'_>, cmd: &Command) -> Handled {
     match cmd.p1 {
         self_test::KAT => {
             let mut result = known_answer_tests();
+            // Continuous RNG test (the card's own): two fresh blocks must differ.
+            let (mut a, mut b) = ([0u8; 32], [0u8; 32]);
+            if !ctx.faults.stuck_rng {
+                ctx.rng.fill(&mut a);
+                ctx.rng.fill(&mut b);
+            }
+            if a == b {
+                result &= !self_test::KAT_RNG;
+            }
             if ctx.faults.failing_kat {
                 result &= !self_test::KAT_ECDSA;
             }

@@ -195,6 +195,16 @@ fn delete(ctx: &mut Ctx<'_>, cmd: &Command) -> Handled {
         return status(StatusWord::WRONG_DATA);
     };
     let related = cmd.p2 & 0x80 != 0;
+    // A sealed wallet holds its owner's key: the card refuses to delete it
+    // (and with it the key); rework is only possible before sealing.
+    let sealed = ctx.mem.wallet.as_ref().is_some_and(|w| w.lifecycle == crate::wallet::Lifecycle::Sealed);
+    let touches_wallet =
+        ctx.mem.instances.iter().any(|i| {
+            i.package_aid == crate::wallet::PACKAGE_AID && (i.aid == aid || (related && i.package_aid == aid))
+        });
+    if sealed && touches_wallet {
+        return status(StatusWord::CONDITIONS_NOT_SATISFIED);
+    }
     if let Some(pos) = ctx.mem.instances.iter().position(|i| i.aid == aid) {
         let inst = ctx.mem.instances.remove(pos);
         if inst.package_aid == crate::wallet::PACKAGE_AID {

@@ -67,6 +67,24 @@ impl LatencyModel {
         memory_test_ms: 60.0,
     };
 
+    /// A slow card (Feitian A22CR-class LOAD and INSTALL figures, JCOP3
+    /// J3H145 crypto): 125 ms a LOAD block, INSTALL 250 ms, keygen 150 ms,
+    /// sign 56 ms.
+    pub const SLOW: Self = Self {
+        small_apdu_ms: 18.0,
+        secure_channel_ms: 40.0,
+        load_block_ms: 125.0,
+        load_final_ms: 900.0,
+        install_ms: 250.0,
+        delete_ms: 200.0,
+        put_key_ms: 100.0,
+        keygen_ms: 150.0,
+        sign_ms: 56.0,
+        ecdh_ms: 40.0,
+        self_test_kat_ms: 300.0,
+        memory_test_ms: 100.0,
+    };
+
     /// The modeled duration of one operation at speed 1.0.
     pub fn duration(&self, cost: Cost) -> Duration {
         let ms = match cost {

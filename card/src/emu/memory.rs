@@ -94,8 +94,10 @@ pub struct Transient {
 }
 
 impl Transient {
+    /// At power-up the issuer security domain is the default selected
+    /// application, as on most GlobalPlatform cards.
     pub fn power_on() -> Self {
-        Self { selected: Selected::Nothing, pending_auth: None, channel: None, load: None }
+        Self { selected: Selected::CardManager, pending_auth: None, channel: None, load: None }
     }
 
     pub fn close_channel(&mut self) {

@@ -59,7 +59,8 @@ pub struct CardFaults {
     pub failing_kat: bool,
     /// A memory cell is stuck: the memory test reads back wrong data.
     pub bad_memory: bool,
-    /// Latency multiplier (a slow card is about 2.8x a JCOP4).
+    /// Latency multiplier on top of the card's latency model (a degraded
+    /// card or reader; a slow card *type* is `LatencyModel::SLOW`).
     pub slow_factor: f64,
 }
 

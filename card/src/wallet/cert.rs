@@ -17,7 +17,10 @@ mod ctag {
     pub const VERSION: u32 = 0x5F29;
     pub const ISSUER: u32 = 0x42;
     pub const SUBJECT: u32 = 0x5F20;
+    /// Constructed public key template holding the point in tag 86, as
+    /// ISO 7816-8 card-verifiable certificates do.
     pub const PUBLIC_KEY: u32 = 0x7F49;
+    pub const POINT: u32 = 0x86;
     pub const NOT_BEFORE: u32 = 0x5F25;
     pub const NOT_AFTER: u32 = 0x5F24;
     pub const SIGNATURE: u32 = 0x5F37;
@@ -83,7 +86,7 @@ impl Certificate {
         tlv::encode(ctag::VERSION, &[self.version], &mut out);
         tlv::encode(ctag::ISSUER, &self.issuer, &mut out);
         tlv::encode(ctag::SUBJECT, self.subject.as_bytes(), &mut out);
-        tlv::encode(ctag::PUBLIC_KEY, &self.public_key, &mut out);
+        tlv::encode(ctag::PUBLIC_KEY, &tlv::tlv(ctag::POINT, &self.public_key), &mut out);
         tlv::encode(ctag::NOT_BEFORE, &self.not_before.to_be_bytes(), &mut out);
         tlv::encode(ctag::NOT_AFTER, &self.not_after.to_be_bytes(), &mut out);
         out
@@ -107,15 +110,24 @@ impl Certificate {
             return Err(CardError::malformed("identity certificate", format!("outer tag {:X}", outer.tag)));
         }
         let objs = outer.children().map_err(bad)?;
-        Ok(Self {
+        let key_template = tlv::parse_all(tlv::require(&objs, ctag::PUBLIC_KEY).map_err(bad)?).map_err(bad)?;
+        let cert = Self {
             version: tlv::require_array::<1>(&objs, ctag::VERSION).map_err(bad)?[0],
             issuer: tlv::require_array(&objs, ctag::ISSUER).map_err(bad)?,
             subject: CardId(tlv::require_array(&objs, ctag::SUBJECT).map_err(bad)?),
-            public_key: tlv::require_array(&objs, ctag::PUBLIC_KEY).map_err(bad)?,
+            public_key: tlv::require_array(&key_template, ctag::POINT).map_err(bad)?,
             not_before: u64::from_be_bytes(tlv::require_array(&objs, ctag::NOT_BEFORE).map_err(bad)?),
             not_after: u64::from_be_bytes(tlv::require_array(&objs, ctag::NOT_AFTER).map_err(bad)?),
             signature: tlv::require_array(&objs, ctag::SIGNATURE).map_err(bad)?,
-        })
+        };
+        // Exactly one encoding is valid: fields in order, no duplicates, no
+        // extra tags, minimal lengths. Anything else is refused rather than
+        // normalised, so two different byte strings never pass as one
+        // certificate.
+        if cert.encode() != data {
+            return Err(CardError::malformed("identity certificate", "not in canonical encoding"));
+        }
+        Ok(cert)
     }
 
     /// Verifies the certificate against the pinned CA keys at time `now`
@@ -185,5 +197,18 @@ mod tests {
         let mut trailing = cert.clone();
         trailing.push(0);
         assert!(Certificate::parse(&trailing).is_err());
+        // Same fields, another order: refused (only the canonical encoding).
+        let c = Certificate::parse(&cert).expect("canonical");
+        let mut body = Vec::new();
+        tlv::encode(ctag::ISSUER, &c.issuer, &mut body);
+        tlv::encode(ctag::VERSION, &[c.version], &mut body);
+        tlv::encode(ctag::SUBJECT, c.subject.as_bytes(), &mut body);
+        tlv::encode(ctag::PUBLIC_KEY, &tlv::tlv(ctag::POINT, &c.public_key), &mut body);
+        tlv::encode(ctag::NOT_BEFORE, &c.not_before.to_be_bytes(), &mut body);
+        tlv::encode(ctag::NOT_AFTER, &c.not_after.to_be_bytes(), &mut body);
+        tlv::encode(ctag::SIGNATURE, &c.signature, &mut body);
+        let reordered = tlv::tlv(tag::CERTIFICATE, &body);
+        assert_ne!(reordered, cert);
+        assert!(Certificate::parse(&reordered).is_err());
     }
 }

@@ -78,7 +78,9 @@ impl<'t> WalletClient<'t> {
     /// Signs a 32-byte digest with the wallet key.
     pub fn sign(&mut self, digest: &[u8; 32]) -> Result<[u8; 64], CardError> {
         let data = self.call("SIGN", Command::new(CLA, ins::SIGN, 0, 0).with_data(digest.to_vec()).with_le(256))?;
-        data.as_slice().try_into().map_err(|_| CardError::malformed("SIGN response", format!("{} bytes", data.len())))
+        let bad = |e: tlv::TlvError| CardError::malformed("SIGN response", e);
+        let objs = tlv::parse_all(&data).map_err(bad)?;
+        tlv::require_array(&objs, tag::SIGNATURE).map_err(bad)
     }
 
     /// Runs the on-card known-answer tests; returns the bitmap of passed tests.

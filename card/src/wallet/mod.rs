@@ -23,7 +23,9 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// Class byte of every proprietary wallet command.
 pub const CLA: u8 = 0x80;
 
-/// Instruction bytes. 0x50..=0x5F are reserved for backup linking.
+/// Instruction bytes. 0x24..=0x2F are reserved for backup linking (next to
+/// the wallet key commands; clear of GlobalPlatform's 0x50 INITIALIZE
+/// UPDATE and of ISO's invalid 6X/9X).
 pub mod ins {
     pub const GET_IDENTITY: u8 = 0x10;
     pub const ATTEST: u8 = 0x12;
@@ -236,14 +238,19 @@ impl Attestation {
                 crate::CardError::malformed("ATTEST response", format!("wallet key of {} bytes", v.len()))
             })?),
         };
-        Ok(Self {
+        let att = Self {
             card_id: CardId(require_array(&objs, tag::CARD_ID).map_err(bad)?),
             counter: u32::from_be_bytes(require_array(&objs, tag::COUNTER).map_err(bad)?),
             lifecycle: require_array::<1>(&objs, tag::LIFECYCLE).map_err(bad)?[0],
             firmware_hash: require_array(&objs, tag::FIRMWARE_HASH).map_err(bad)?,
             wallet_key,
             signature: require_array(&objs, tag::SIGNATURE).map_err(bad)?,
-        })
+        };
+        // Only the canonical encoding (order, no extras) is accepted.
+        if att.encode() != data {
+            return Err(crate::CardError::malformed("ATTEST response", "not in canonical encoding"));
+        }
+        Ok(att)
     }
 }
 
@@ -265,10 +272,14 @@ impl WalletKeyProof {
     pub fn parse(data: &[u8]) -> Result<Self, crate::CardError> {
         let bad = |e: crate::tlv::TlvError| crate::CardError::malformed("wallet key proof", e);
         let objs = crate::tlv::parse_all(data).map_err(bad)?;
-        Ok(Self {
+        let proof = Self {
             public_key: crate::tlv::require_array(&objs, tag::PUBLIC_KEY).map_err(bad)?,
             signature: crate::tlv::require_array(&objs, tag::SIGNATURE).map_err(bad)?,
-        })
+        };
+        if proof.encode() != data {
+            return Err(crate::CardError::malformed("wallet key proof", "not in canonical encoding"));
+        }
+        Ok(proof)
     }
 
     /// Checks the card key's signature over the wallet key.
