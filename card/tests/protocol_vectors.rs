@@ -21,6 +21,10 @@ use card::gp::session::{GpSession, KeyRing, KeySource};
 use card::sw::StatusWord;
 use card::transport::emu::EmuBank;
 use card::transport::{Atr, CardReader, Transport, TransportError};
+use card::wallet::bundle::{
+    self, ImportConfirmation, LinkAttestation, Role, TransferBlob, TransferRoute, WalletProof, confirm_digest,
+    link_digest, sealed_digest, wallet_proof_digest,
+};
 use card::wallet::cert::{CERT_VERSION, Certificate, ca_key_id};
 use card::wallet::client::WalletClient;
 use card::wallet::{
@@ -62,6 +66,25 @@ const MEMORY_SEED: [u8; 4] = [0x01, 0x02, 0x03, 0x04];
 const MEMORY_LEN: u16 = 100;
 /// GET CHALLENGE length of the APDU vector.
 const CHALLENGE_LEN: usize = 16;
+
+// Backup linking (section 16). The primary is the card above (CARD_ID, card
+// key 02..); the wallet key is 03...
+/// The backup's card private key: 32 bytes of 0x04.
+const BACKUP_SECRET: [u8; 32] = [0x04; 32];
+/// The primary's ephemeral private key of the transfer: 32 bytes of 0x05.
+const EPHEMERAL_SECRET: [u8; 32] = [0x05; 32];
+/// IC fabricator 4790, IC type 5040, IC batch 5678, IC serial CAFEF00D.
+const BACKUP_CARD_ID: &str = "479050405678cafef00d";
+/// Bundle id: the bytes C0, C1, ..., CF.
+const BUNDLE_ID: &str = "c0c1c2c3c4c5c6c7c8c9cacbcccdcecf";
+/// The primary's link nonce: the bytes 40, 41, ..., 5F.
+const LINK_NONCE: &str = "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f";
+/// The transfer's AES-GCM nonce: the bytes 60, 61, ..., 6B.
+const GCM_NONCE: &str = "606162636465666768696a6b";
+/// Backups announced at LINK PRIMARY.
+const BACKUPS_ANNOUNCED: u8 = 2;
+/// Owner access code of the APDU vectors: ASCII "246810".
+const ACCESS_CODE: &str = "323436383130";
 
 // ---------------------------------------------------------------------------
 // Expected outputs (lowercase hex).
@@ -113,7 +136,7 @@ const KAT_RESPONSE_STUCK_RNG: &str = "86010f";
 const MEMORY_PATTERN_FIRST_32: &str = "df651505fe76301b3a5489db4c92b5250cef705f36c92b47fc593933f389b663";
 const MEMORY_RESPONSE: &str = "87209ebe2958043ef3a2b00ae1c738f7c16961cc964079c0db4acebfab373e2cee4d";
 
-const SELECT_RESPONSE_KEYED: &str = "850101820103";
+const SELECT_RESPONSE_KEYED: &str = "8501018201038a0101";
 
 const APDU_SELECT: &str = "00a4040009f05441504c494e450100";
 const APDU_GET_IDENTITY: &str = "8010000000";
@@ -127,6 +150,55 @@ const APDU_SELF_TEST_MEMORY: &str = "804003000601020304006400";
 const APDU_GET_CHALLENGE: &str = "0084000010";
 const APDU_GET_DATA_IDENTITY: &str = "80ca7f2100";
 const APDU_GET_DATA_CPLC: &str = "80ca9f7f00";
+
+// Backup linking outputs.
+const BACKUP_CARD_PUBLIC: &str = "03462779ad4aad39514614751a71085f2f10e1c7a593e4e030efb5b8721ce55b0b";
+const EPHEMERAL_PUBLIC: &str = "0362c0a046dacce86ddd0343c6d3c7c79c2208ba0d9c9cf24a6d046d21d21f90f7";
+const BACKUP_CERT: &str = "7f21819a5f2901014208f1d12012406b87af5f200a479050405678cafef00d7f4923862103462779ad4aad39514614751a71085f2f10e1c7a593e4e030efb5b8721ce55b0b5f250800000000659200805f2408000000008b309e005f3740cca2833285fc7adb17b15b6152b475872d0301cab962b9c5eba74679c0597b551d6e392af77af5ad9b0a1df68e49102221be4d12c9ca85e174947c3053ed2c53";
+const EMPTY_DIGEST_LINK: &str = "f117c74cd544aa66cf201237057db02fffcd89c748c52f69aec51cf463107afc";
+const EMPTY_DIGEST_TRANSFER: &str = "a537d097ac0a5c8a30f4c232c7ca89bf76eb015be525b2640aae01c6f769c8f3";
+const EMPTY_DIGEST_CONFIRM: &str = "e458763777140ae79ebe6e4cb5514de252c5e5dfe528ca920a1e9cb207c40357";
+const EMPTY_DIGEST_WALLET_PROOF: &str = "806745568195572b861e9c809603029b02993376021d668b217c80d60bb4fea0";
+const EMPTY_DIGEST_SEALED: &str = "531a3f8803b184a514bbd8b5d9b75597d95c4697b129037a5dbd2a7b30108566";
+const LINK_PRIMARY_RESPONSE: &str = "8b20404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f";
+const LINK_PREIMAGE: &str = "000f5441504c494e452f6c696e6b2f76310010c0c1c2c3c4c5c6c7c8c9cacbcccdcecf000a479050401234deadbeef0020404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f000a479050405678cafef00d0020a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebf000107";
+const LINK_DIGEST: &str = "78644ec15d1b4fd2edca932c0b486e77cb2c3fb011851671fc4b69924f0151e8";
+const LINK_SIGNATURE: &str = "0e0d34a5eabe8548eae492962aba5c67c6361acda7f357c0504c9fd41daf67726d441ff1ff5a304ddb0c526007a79c159459c65085c1fe497d53624fc64cf086";
+const LINK_ATTESTATION_RESPONSE: &str = "800a479050405678cafef00d8320a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebf9e400e0d34a5eabe8548eae492962aba5c67c6361acda7f357c0504c9fd41daf67726d441ff1ff5a304ddb0c526007a79c159459c65085c1fe497d53624fc64cf086";
+const TRANSFER_SHARED_X: &str = "c2c043b455f384ffcca06d2c0c8cbb4bb435bc6f6725ff6b20ff30fbdcf8f703";
+const TRANSFER_KEY: &str = "9bd82affc455f50b4ca5aba4581b9e56d63488776c5748cf9096e19c5a1abf0b";
+const TRANSFER_AAD: &str = "c0c1c2c3c4c5c6c7c8c9cacbcccdcecf479050401234deadbeef479050405678cafef00d02531fe6068134503d2723133227c867ac8fa6c83c537e9a44c3c5bdbdcb1fe337";
+const TRANSFER_CIPHERTEXT: &str =
+    "34645b23931b7122a4251606e1031f11fd8c2a8cb52feaced73d1a58fcca998f1d7926240d0c9e6f8e23ec38934d6dd0";
+const TRANSFER_PREIMAGE: &str = "00135441504c494e452f7472616e736665722f76310010c0c1c2c3c4c5c6c7c8c9cacbcccdcecf000a479050401234deadbeef000a479050405678cafef00d002102531fe6068134503d2723133227c867ac8fa6c83c537e9a44c3c5bdbdcb1fe33700210362c0a046dacce86ddd0343c6d3c7c79c2208ba0d9c9cf24a6d046d21d21f90f7000c606162636465666768696a6b003034645b23931b7122a4251606e1031f11fd8c2a8cb52feaced73d1a58fcca998f1d7926240d0c9e6f8e23ec38934d6dd0";
+const TRANSFER_DIGEST: &str = "94f9252848c62236e0bf8cdc9ac84879a1dcd5b4a4eeebd44dab75c9083e8493";
+const TRANSFER_SIGNATURE: &str = "aa3d1f7458bd8a151f385f0a0655c0e9fca2c6c8e114e07f209d31db4ee5cd7f385c17829399f2505bb39770a48a491b9948f955173cb1133d44c64b89d34be1";
+const TRANSFER_BLOB: &str = "8910c0c1c2c3c4c5c6c7c8c9cacbcccdcecf8c0a479050401234deadbeef8d0a479050405678cafef00d842102531fe6068134503d2723133227c867ac8fa6c83c537e9a44c3c5bdbdcb1fe3378e210362c0a046dacce86ddd0343c6d3c7c79c2208ba0d9c9cf24a6d046d21d21f90f78f0c606162636465666768696a6b903034645b23931b7122a4251606e1031f11fd8c2a8cb52feaced73d1a58fcca998f1d7926240d0c9e6f8e23ec38934d6dd09e40aa3d1f7458bd8a151f385f0a0655c0e9fca2c6c8e114e07f209d31db4ee5cd7f385c17829399f2505bb39770a48a491b9948f955173cb1133d44c64b89d34be1";
+const CONFIRM_DIGEST: &str = "77eda4efe8e2bb199f69eb7e80c8da2a1a28d18adf3634e5cea1a72c94a0e7da";
+const CONFIRM_SIGNATURE: &str = "589251dcfe5cc92416855664a3163b58a53db2b682ee8ac454961a592ea092cb2a4f4727b95a91c86d33f82d1946bfae54b1adae6533386b0e98041fa2912c53";
+const CONFIRM_RESPONSE: &str = "800a479050405678cafef00d842102531fe6068134503d2723133227c867ac8fa6c83c537e9a44c3c5bdbdcb1fe3379e40589251dcfe5cc92416855664a3163b58a53db2b682ee8ac454961a592ea092cb2a4f4727b95a91c86d33f82d1946bfae54b1adae6533386b0e98041fa2912c53";
+const WALLET_PROOF_DIGEST: &str = "be1ae0ad6894b3e1b95b85fc3b60640e7210f42f21f189fa12651058f86a126a";
+const WALLET_PROOF_SIGNATURE: &str = "456fcc03a7ea2c9fb582f5370df911b2f1d1814209591c90578324d1f73565b8759d058044c04f502cefd478695c62dc9461b8f540508a3d809fd2f046ce19ae";
+const WALLET_PROOF_RESPONSE: &str = "842102531fe6068134503d2723133227c867ac8fa6c83c537e9a44c3c5bdbdcb1fe3379e40456fcc03a7ea2c9fb582f5370df911b2f1d1814209591c90578324d1f73565b8759d058044c04f502cefd478695c62dc9461b8f540508a3d809fd2f046ce19ae";
+const WALLET_PROOF_DIGEST_UNBUNDLED: &str = "ad12f64cad21cec1ac0f76befc4231133e31ba0388d9062b3bdc4646885931ef";
+const SEALED_DIGEST_PRIMARY: &str = "7ad309c0a5e72cc276349cc68d72e9026bb99ac89962cab2b73d6ee940c56a09";
+const SEALED_SIGNATURE_PRIMARY: &str = "85d109824609cd6a0601abcb4888974ca2e8fbb59f6bcd569b1650f6f444ade00316c078a234b78180663f6434557836d81739fd2e81598e49161779dbcc822d";
+const FINALIZE_RESPONSE_PRIMARY: &str = "9e4085d109824609cd6a0601abcb4888974ca2e8fbb59f6bcd569b1650f6f444ade00316c078a234b78180663f6434557836d81739fd2e81598e49161779dbcc822d";
+const SEALED_DIGEST_BACKUP: &str = "c7fadbf4d9417b071275ccf5fad626849be67be71bc93054d1d42dc5bcafb809";
+const SEALED_SIGNATURE_BACKUP: &str = "790d9eb69b421abf88115c1f72ce083816d3bad8405cfc261280729c85dbc75b22ea84e4b93f39cd132f37fb82c3d6e7475b6f2fa1c6749e36eef42401f62052";
+const SELECT_RESPONSE_LINKED_BACKUP: &str = "8501018201078a01008801028910c0c1c2c3c4c5c6c7c8c9cacbcccdcecf";
+const APDU_LINK_PRIMARY: &str = "8024000011c0c1c2c3c4c5c6c7c8c9cacbcccdcecf0200";
+const APDU_LINK_BACKUP: &str = "80250000cec0c1c2c3c4c5c6c7c8c9cacbcccdcecf404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f7f21819a5f2901014208f1d12012406b87af5f200a479050401234deadbeef7f49238621024d4b6cd1361032ca9bd2aeb9d900aa4d45d9ead80ac9423374c451a7254d07665f250800000000659200805f2408000000008b309e005f3740e68be099bb76b7791d7da072fa6defc0d3df3f7d0716a12bd04a120c82129cce04475172e030c06ebc34b72078616cb96af38980370ffc9e27d6a2651405469d00";
+const APDU_ADD_BACKUP_1: &str = "90260000ff7f21819a5f2901014208f1d12012406b87af5f200a479050405678cafef00d7f4923862103462779ad4aad39514614751a71085f2f10e1c7a593e4e030efb5b8721ce55b0b5f250800000000659200805f2408000000008b309e005f3740cca2833285fc7adb17b15b6152b475872d0301cab962b9c5eba74679c0597b551d6e392af77af5ad9b0a1df68e49102221be4d12c9ca85e174947c3053ed2c53800a479050405678cafef00d8320a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebf9e400e0d34a5eabe8548eae492962aba5c67c6361acda7f357c0504c9fd41daf67726d441ff1ff5a304ddb0c526007a79c1594";
+const APDU_ADD_BACKUP_2: &str = "802600000f59c65085c1fe497d53624fc64cf086";
+const APDU_EXPORT: &str = "802700000a479050405678cafef00d00";
+const APDU_IMPORT: &str = "80280000f28910c0c1c2c3c4c5c6c7c8c9cacbcccdcecf8c0a479050401234deadbeef8d0a479050405678cafef00d842102531fe6068134503d2723133227c867ac8fa6c83c537e9a44c3c5bdbdcb1fe3378e210362c0a046dacce86ddd0343c6d3c7c79c2208ba0d9c9cf24a6d046d21d21f90f78f0c606162636465666768696a6b903034645b23931b7122a4251606e1031f11fd8c2a8cb52feaced73d1a58fcca998f1d7926240d0c9e6f8e23ec38934d6dd09e40aa3d1f7458bd8a151f385f0a0655c0e9fca2c6c8e114e07f209d31db4ee5cd7f385c17829399f2505bb39770a48a491b9948f955173cb1133d44c64b89d34be100";
+const APDU_CONFIRM_BACKUP: &str = "8029000071800a479050405678cafef00d842102531fe6068134503d2723133227c867ac8fa6c83c537e9a44c3c5bdbdcb1fe3379e40589251dcfe5cc92416855664a3163b58a53db2b682ee8ac454961a592ea092cb2a4f4727b95a91c86d33f82d1946bfae54b1adae6533386b0e98041fa2912c53";
+const APDU_PROVE_WALLET: &str = "802a000020000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f00";
+const APDU_FINALIZE: &str = "802b000000";
+const APDU_ABORT_BUNDLE: &str = "802c0000";
+const APDU_SET_ACCESS_CODE: &str = "802d000006323436383130";
+const APDU_VERIFY_ACCESS_CODE: &str = "0020008106323436383130";
 
 /// Every hex literal of this file, by name: the document must carry each.
 const ALL_HEX: &[(&str, &str)] = &[
@@ -185,6 +257,57 @@ const ALL_HEX: &[(&str, &str)] = &[
     ("APDU_GET_CHALLENGE", APDU_GET_CHALLENGE),
     ("APDU_GET_DATA_IDENTITY", APDU_GET_DATA_IDENTITY),
     ("APDU_GET_DATA_CPLC", APDU_GET_DATA_CPLC),
+    ("BACKUP_CARD_ID", BACKUP_CARD_ID),
+    ("BUNDLE_ID", BUNDLE_ID),
+    ("LINK_NONCE", LINK_NONCE),
+    ("GCM_NONCE", GCM_NONCE),
+    ("ACCESS_CODE", ACCESS_CODE),
+    ("BACKUP_CARD_PUBLIC", BACKUP_CARD_PUBLIC),
+    ("EPHEMERAL_PUBLIC", EPHEMERAL_PUBLIC),
+    ("BACKUP_CERT", BACKUP_CERT),
+    ("EMPTY_DIGEST_LINK", EMPTY_DIGEST_LINK),
+    ("EMPTY_DIGEST_TRANSFER", EMPTY_DIGEST_TRANSFER),
+    ("EMPTY_DIGEST_CONFIRM", EMPTY_DIGEST_CONFIRM),
+    ("EMPTY_DIGEST_WALLET_PROOF", EMPTY_DIGEST_WALLET_PROOF),
+    ("EMPTY_DIGEST_SEALED", EMPTY_DIGEST_SEALED),
+    ("LINK_PRIMARY_RESPONSE", LINK_PRIMARY_RESPONSE),
+    ("LINK_PREIMAGE", LINK_PREIMAGE),
+    ("LINK_DIGEST", LINK_DIGEST),
+    ("LINK_SIGNATURE", LINK_SIGNATURE),
+    ("LINK_ATTESTATION_RESPONSE", LINK_ATTESTATION_RESPONSE),
+    ("TRANSFER_SHARED_X", TRANSFER_SHARED_X),
+    ("TRANSFER_KEY", TRANSFER_KEY),
+    ("TRANSFER_AAD", TRANSFER_AAD),
+    ("TRANSFER_CIPHERTEXT", TRANSFER_CIPHERTEXT),
+    ("TRANSFER_PREIMAGE", TRANSFER_PREIMAGE),
+    ("TRANSFER_DIGEST", TRANSFER_DIGEST),
+    ("TRANSFER_SIGNATURE", TRANSFER_SIGNATURE),
+    ("TRANSFER_BLOB", TRANSFER_BLOB),
+    ("CONFIRM_DIGEST", CONFIRM_DIGEST),
+    ("CONFIRM_SIGNATURE", CONFIRM_SIGNATURE),
+    ("CONFIRM_RESPONSE", CONFIRM_RESPONSE),
+    ("WALLET_PROOF_DIGEST", WALLET_PROOF_DIGEST),
+    ("WALLET_PROOF_SIGNATURE", WALLET_PROOF_SIGNATURE),
+    ("WALLET_PROOF_RESPONSE", WALLET_PROOF_RESPONSE),
+    ("WALLET_PROOF_DIGEST_UNBUNDLED", WALLET_PROOF_DIGEST_UNBUNDLED),
+    ("SEALED_DIGEST_PRIMARY", SEALED_DIGEST_PRIMARY),
+    ("SEALED_SIGNATURE_PRIMARY", SEALED_SIGNATURE_PRIMARY),
+    ("FINALIZE_RESPONSE_PRIMARY", FINALIZE_RESPONSE_PRIMARY),
+    ("SEALED_DIGEST_BACKUP", SEALED_DIGEST_BACKUP),
+    ("SEALED_SIGNATURE_BACKUP", SEALED_SIGNATURE_BACKUP),
+    ("SELECT_RESPONSE_LINKED_BACKUP", SELECT_RESPONSE_LINKED_BACKUP),
+    ("APDU_LINK_PRIMARY", APDU_LINK_PRIMARY),
+    ("APDU_LINK_BACKUP", APDU_LINK_BACKUP),
+    ("APDU_ADD_BACKUP_1", APDU_ADD_BACKUP_1),
+    ("APDU_ADD_BACKUP_2", APDU_ADD_BACKUP_2),
+    ("APDU_EXPORT", APDU_EXPORT),
+    ("APDU_IMPORT", APDU_IMPORT),
+    ("APDU_CONFIRM_BACKUP", APDU_CONFIRM_BACKUP),
+    ("APDU_PROVE_WALLET", APDU_PROVE_WALLET),
+    ("APDU_FINALIZE", APDU_FINALIZE),
+    ("APDU_ABORT_BUNDLE", APDU_ABORT_BUNDLE),
+    ("APDU_SET_ACCESS_CODE", APDU_SET_ACCESS_CODE),
+    ("APDU_VERIFY_ACCESS_CODE", APDU_VERIFY_ACCESS_CODE),
 ];
 
 // ---------------------------------------------------------------------------
@@ -624,7 +747,7 @@ fn command_apdus_of_the_host_client() {
     }
     pin!(
         SELECT_RESPONSE_KEYED,
-        card::tlv::tlv(0x85, &[1]).into_iter().chain(card::tlv::tlv(0x82, &[0x03])).collect::<Vec<u8>>()
+        [card::tlv::tlv(0x85, &[1]), card::tlv::tlv(0x82, &[0x03]), card::tlv::tlv(0x8A, &[0x01])].concat()
     );
     pin!(
         APDU_SELECT,
@@ -687,7 +810,7 @@ fn the_card_model_follows_the_command_tables() {
 
     install_wallet(t, &cap);
     let sel = transmit(t, 0x00, 0xA4, 0x04, &APPLET_AID);
-    assert_eq!((sel.sw, hex::encode(&sel.data).as_str()), (StatusWord::OK, "850101820101"));
+    assert_eq!((sel.sw, hex::encode(&sel.data).as_str()), (StatusWord::OK, "8501018201018a0100"));
     assert_eq!(transmit(t, 0x80, 0x10, 0, &[]).data, cert_bytes, "GET IDENTITY = GET DATA 7F21");
 
     // ATTEST: 32-byte challenge only; a refused ATTEST does not move the counter.
@@ -702,6 +825,21 @@ fn the_card_model_follows_the_command_tables() {
 
     // Installed: no wallet key yet.
     assert_eq!(transmit(t, 0x80, 0x22, 0, &[]).sw, StatusWord::REFERENCED_DATA_NOT_FOUND);
+    // Backup linking in Installed (section 8.1): only LINK BACKUP and ABORT.
+    let nope = StatusWord::CONDITIONS_NOT_SATISFIED;
+    assert_eq!(transmit(t, 0x80, 0x24, 0, &[0; 17]).sw, nope, "LINK PRIMARY");
+    assert_eq!(transmit(t, 0x80, 0x24, 0, &[0; 16]).sw, StatusWord::WRONG_LENGTH, "LINK PRIMARY length");
+    assert_eq!(transmit(t, 0x80, 0x26, 0, &[0; 20]).sw, nope, "ADD BACKUP");
+    assert_eq!(transmit(t, 0x80, 0x27, 0, &[0; 10]).sw, nope, "EXPORT");
+    assert_eq!(transmit(t, 0x80, 0x28, 0, &[0; 20]).sw, nope, "IMPORT");
+    assert_eq!(transmit(t, 0x80, 0x29, 0, &[0; 20]).sw, nope, "CONFIRM BACKUP");
+    assert_eq!(transmit(t, 0x80, 0x2A, 0, &[0; 32]).sw, nope, "PROVE WALLET");
+    assert_eq!(transmit(t, 0x80, 0x2B, 0, &[]).sw, nope, "FINALIZE");
+    assert_eq!(transmit(t, 0x80, 0x2C, 0, &[]).sw, StatusWord::OK, "ABORT BUNDLE");
+    assert_eq!(transmit(t, 0x80, 0x2D, 0, b"246810").sw, nope, "SET ACCESS CODE");
+    let verify = Command::new(0x00, 0x20, 0x00, 0x81).with_data(b"246810".to_vec());
+    assert_eq!(t.transmit(&verify).expect("answer").sw, nope, "VERIFY");
+    assert_eq!(hex::encode(transmit(t, 0x00, 0xA4, 0x04, &APPLET_AID).data), "8501018201018a0100");
     assert_eq!(transmit(t, 0x80, 0x30, 0, &[0; 32]).sw, StatusWord::CONDITIONS_NOT_SATISFIED);
     assert_eq!(transmit(t, 0x80, 0x30, 0, &[0; 31]).sw, StatusWord::WRONG_LENGTH);
 
@@ -710,7 +848,7 @@ fn the_card_model_follows_the_command_tables() {
     let proof = WalletKeyProof::parse(&r.data).expect("proof parses");
     let wallet = proof.verify(&cert.subject, &card_key).expect("proof verifies");
     assert_eq!(transmit(t, 0x80, 0x20, 0, &[]).sw, StatusWord::CONDITIONS_NOT_SATISFIED);
-    assert_eq!(hex::encode(transmit(t, 0x00, 0xA4, 0x04, &APPLET_AID).data), "850101820103");
+    assert_eq!(hex::encode(transmit(t, 0x00, 0xA4, 0x04, &APPLET_AID).data), "8501018201038a0101");
     assert_eq!(
         WalletKeyProof::parse(&transmit(t, 0x80, 0x22, 0, &[]).data).expect("proof").public_key,
         proof.public_key
@@ -750,7 +888,7 @@ fn the_card_model_follows_the_command_tables() {
     assert_eq!(transmit(t, 0x00, 0x10, 0, &[]).sw, StatusWord::CLA_NOT_SUPPORTED);
     assert_eq!(transmit(t, 0x84, 0x10, 0, &[]).sw, StatusWord::CLA_NOT_SUPPORTED);
     assert_eq!(transmit(t, 0x80, 0x84, 0, &[]).sw, StatusWord::INS_NOT_SUPPORTED);
-    for ins in 0x24..=0x2F {
+    for ins in 0x2E..=0x2F {
         assert_eq!(transmit(t, 0x80, ins, 0, &[]).sw, StatusWord::INS_NOT_SUPPORTED, "reserved INS {ins:02X}");
     }
 
@@ -765,7 +903,7 @@ fn the_card_model_follows_the_command_tables() {
     }
     assert_eq!(transmit(t, 0x00, 0xA4, 0x04, &APPLET_AID).sw, StatusWord::FILE_NOT_FOUND);
     install_wallet(t, &cap);
-    assert_eq!(hex::encode(transmit(t, 0x00, 0xA4, 0x04, &APPLET_AID).data), "850101820101");
+    assert_eq!(hex::encode(transmit(t, 0x00, 0xA4, 0x04, &APPLET_AID).data), "8501018201018a0100");
     let att = Attestation::parse(&transmit(t, 0x80, 0x12, 0, &challenge).data).expect("attestation");
     assert_eq!((att.counter, att.lifecycle, att.wallet_key), (3, 0x01, None));
 }
@@ -792,13 +930,344 @@ fn latency_classes_of_the_document() {
     use card::emu::latency::{Cost, LatencyModel};
     let ms = |model: &LatencyModel, cost: Cost| (model.duration(cost).as_secs_f64() * 1000.0).round();
     for (model, want) in [
-        (LatencyModel::JCOP4, [12.0, 44.0, 72.0, 162.0, 72.0]),
-        (LatencyModel::SLOW, [18.0, 74.0, 224.0, 318.0, 118.0]),
+        (LatencyModel::JCOP4, [12.0, 44.0, 72.0, 162.0, 72.0, 76.0, 92.0, 96.0]),
+        (LatencyModel::SLOW, [18.0, 74.0, 224.0, 318.0, 118.0, 130.0, 264.0, 170.0]),
     ] {
-        let got =
-            [Cost::Small, Cost::Sign(1), Cost::KeyGen, Cost::SelfTestKat, Cost::MemoryTest].map(|c| ms(&model, c));
-        assert_eq!(got, want, "small, sign, keygen, KAT, memory");
+        let got = [
+            Cost::Small,
+            Cost::Sign(1),
+            Cost::KeyGen,
+            Cost::SelfTestKat,
+            Cost::MemoryTest,
+            Cost::Sign(2),
+            Cost::Export,
+            Cost::Import,
+        ]
+        .map(|c| ms(&model, c));
+        assert_eq!(got, want, "small, sign, keygen, KAT, memory, sign x2, export, import");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Backup linking (section 16).
+
+fn backup_id() -> CardId {
+    CardId(bytes(BACKUP_CARD_ID))
+}
+
+fn bundle_id() -> [u8; 16] {
+    bytes(BUNDLE_ID)
+}
+
+fn backup_certificate() -> Certificate {
+    Certificate::issue(&key(&CA_SECRET), backup_id(), key(&BACKUP_SECRET).verifying_key(), NOT_BEFORE, NOT_AFTER)
+}
+
+fn route() -> TransferRoute {
+    TransferRoute { bundle_id: bundle_id(), from: card_id(), to: backup_id() }
+}
+
+/// The vector transfer blob, from the pure card-side function with the
+/// fixed ephemeral key and GCM nonce.
+fn transfer_blob() -> TransferBlob {
+    bundle::seal_transfer(
+        &route(),
+        &key(&WALLET_SECRET),
+        key(&BACKUP_SECRET).verifying_key(),
+        &key(&CARD_SECRET),
+        &key(&EPHEMERAL_SECRET),
+        &bytes(GCM_NONCE),
+    )
+}
+
+#[test]
+fn backup_linking_keys_labels_and_certificate() {
+    pin!(BACKUP_CARD_PUBLIC, public_key_bytes(key(&BACKUP_SECRET).verifying_key()));
+    pin!(EPHEMERAL_PUBLIC, public_key_bytes(key(&EPHEMERAL_SECRET).verifying_key()));
+    pin!(BACKUP_CERT, backup_certificate().encode());
+    pin!(EMPTY_DIGEST_LINK, message_digest(domain::LINK, &[]));
+    pin!(EMPTY_DIGEST_TRANSFER, message_digest(domain::TRANSFER, &[]));
+    pin!(EMPTY_DIGEST_CONFIRM, message_digest(domain::CONFIRM, &[]));
+    pin!(EMPTY_DIGEST_WALLET_PROOF, message_digest(domain::WALLET_PROOF, &[]));
+    pin!(EMPTY_DIGEST_SEALED, message_digest(domain::SEALED, &[]));
+    assert_eq!(domain::LINK, b"TAPLINE/link/v1");
+    assert_eq!(domain::TRANSFER, b"TAPLINE/transfer/v1");
+    assert_eq!(domain::CONFIRM, b"TAPLINE/confirm/v1");
+    assert_eq!(domain::WALLET_PROOF, b"TAPLINE/wallet-proof/v1");
+    assert_eq!(domain::SEALED, b"TAPLINE/sealed/v1");
+    assert_eq!((Role::Primary as u8, Role::Backup as u8), (0x01, 0x02));
+    assert_eq!(Lifecycle::Linked as u8, 0x07);
+    // Cards check each other without a clock: the untimed check passes an
+    // expired certificate but not an unpinned issuer.
+    let ca = *key(&CA_SECRET).verifying_key();
+    let expired = Certificate::issue(&key(&CA_SECRET), backup_id(), key(&BACKUP_SECRET).verifying_key(), 1, 2);
+    assert!(expired.verify(&[ca], NOT_BEFORE).is_err());
+    assert!(expired.verify_untimed(&[ca]).is_ok());
+    assert!(backup_certificate().verify_untimed(&[*key(&CARD_SECRET).verifying_key()]).is_err());
+}
+
+#[test]
+fn link_vectors() {
+    let nonce = bytes::<32>(LINK_NONCE);
+    pin!(LINK_PRIMARY_RESPONSE, card::tlv::tlv(0x8B, &nonce));
+    let firmware = bytes::<32>(FIRMWARE_HASH);
+    let linked = [Lifecycle::Linked as u8];
+    let preimage =
+        framed(domain::LINK, &[&bundle_id(), card_id().as_bytes(), &nonce, backup_id().as_bytes(), &firmware, &linked]);
+    pin!(LINK_PREIMAGE, &preimage);
+    let digest = link_digest(&bundle_id(), &card_id(), &nonce, &backup_id(), &firmware, linked[0]);
+    assert_eq!(digest, <[u8; 32]>::from(Sha256::digest(&preimage)));
+    pin!(LINK_DIGEST, digest);
+    let signature = sign_digest(&key(&BACKUP_SECRET), &digest);
+    pin!(LINK_SIGNATURE, signature);
+    let att = LinkAttestation { card_id: backup_id(), firmware_hash: firmware, signature };
+    pin!(LINK_ATTESTATION_RESPONSE, att.encode());
+    let parsed = LinkAttestation::parse(&hex::decode(LINK_ATTESTATION_RESPONSE).expect("hex")).expect("parses");
+    assert_eq!(parsed, att);
+    let backup_key = *key(&BACKUP_SECRET).verifying_key();
+    parsed.verify(&backup_key, &bundle_id(), &card_id(), &nonce).expect("verifies");
+    // Bound to the bundle, the primary and its nonce.
+    assert!(parsed.verify(&backup_key, &[0; 16], &card_id(), &nonce).is_err(), "other bundle");
+    assert!(parsed.verify(&backup_key, &bundle_id(), &backup_id(), &nonce).is_err(), "other primary");
+    assert!(parsed.verify(&backup_key, &bundle_id(), &card_id(), &[0; 32]).is_err(), "other nonce");
+}
+
+#[test]
+fn transfer_vectors() {
+    use aes_gcm::aead::{AeadInOut, KeyInit, Nonce, Tag};
+    let (backup, ephemeral) = (key(&BACKUP_SECRET), key(&EPHEMERAL_SECRET));
+    // ECDH: both sides get the same x-coordinate.
+    let shared = bundle::ecdh_x(&ephemeral, backup.verifying_key());
+    assert_eq!(*shared, *bundle::ecdh_x(&backup, ephemeral.verifying_key()));
+    pin!(TRANSFER_SHARED_X, *shared);
+    // HKDF-SHA256(salt = bundle id, ikm = x, info = label || primary || backup).
+    let info = [domain::TRANSFER, card_id().as_bytes(), backup_id().as_bytes()].concat();
+    let mut okm = [0u8; 32];
+    hkdf::Hkdf::<Sha256>::new(Some(&bundle_id()), &shared[..]).expand(&info, &mut okm).expect("32 bytes");
+    let transfer_key = bundle::transfer_key(&route(), &shared);
+    assert_eq!(*transfer_key, okm);
+    pin!(TRANSFER_KEY, okm);
+    let aad = bundle::transfer_aad(&route(), &wallet_public());
+    assert_eq!(aad, [&bundle_id()[..], card_id().as_bytes(), backup_id().as_bytes(), &wallet_public()].concat());
+    pin!(TRANSFER_AAD, &aad);
+    // AES-256-GCM of the wallet secret, written out with the aes-gcm crate.
+    let cipher = aes_gcm::Aes256Gcm::new_from_slice(&okm).expect("AES-256 key");
+    let mut buf = WALLET_SECRET;
+    let tag = cipher
+        .encrypt_inout_detached(&Nonce::<aes_gcm::Aes256Gcm>::from(bytes::<12>(GCM_NONCE)), &aad, (&mut buf[..]).into())
+        .expect("encrypts");
+    let ciphertext = [&buf[..], &tag[..]].concat();
+    pin!(TRANSFER_CIPHERTEXT, &ciphertext);
+    let blob = transfer_blob();
+    assert_eq!(blob.ciphertext[..], ciphertext[..]);
+    assert_eq!(blob.ephemeral_key, bytes::<33>(EPHEMERAL_PUBLIC));
+    let preimage = framed(
+        domain::TRANSFER,
+        &[
+            &bundle_id(),
+            card_id().as_bytes(),
+            backup_id().as_bytes(),
+            &wallet_public(),
+            &blob.ephemeral_key,
+            &blob.gcm_nonce,
+            &blob.ciphertext,
+        ],
+    );
+    pin!(TRANSFER_PREIMAGE, &preimage);
+    assert_eq!(blob.digest(), <[u8; 32]>::from(Sha256::digest(&preimage)));
+    pin!(TRANSFER_DIGEST, blob.digest());
+    assert_eq!(blob.signature, sign_digest(&key(&CARD_SECRET), &blob.digest()));
+    pin!(TRANSFER_SIGNATURE, blob.signature);
+    pin!(TRANSFER_BLOB, blob.encode());
+    assert_eq!(blob.encode().len(), 242);
+    // The backup opens the vector blob and gets the wallet secret.
+    let parsed = TransferBlob::parse(&hex::decode(TRANSFER_BLOB).expect("hex")).expect("parses");
+    assert_eq!(parsed, blob);
+    parsed.verify(key(&CARD_SECRET).verifying_key()).expect("the primary signed it");
+    let opened = bundle::open_transfer(&parsed, &backup, key(&CARD_SECRET).verifying_key()).expect("opens");
+    assert_eq!(<[u8; 32]>::from(opened.to_bytes()), WALLET_SECRET);
+    let mut back = [0u8; 32];
+    back.copy_from_slice(&ciphertext[..32]);
+    cipher
+        .decrypt_inout_detached(
+            &Nonce::<aes_gcm::Aes256Gcm>::from(bytes::<12>(GCM_NONCE)),
+            &aad,
+            (&mut back[..]).into(),
+            &Tag::<aes_gcm::Aes256Gcm>::try_from(&ciphertext[32..]).expect("16-byte tag"),
+        )
+        .expect("decrypts");
+    assert_eq!(back, WALLET_SECRET);
+    // Only the addressed card can open it.
+    assert!(bundle::open_transfer(&parsed, &key(&CARD_SECRET), key(&CARD_SECRET).verifying_key()).is_err());
+}
+
+#[test]
+fn confirmation_wallet_proof_and_seal_vectors() {
+    let wallet = wallet_public();
+    let digest = confirm_digest(&bundle_id(), &backup_id(), &card_id(), &wallet);
+    assert_eq!(
+        digest,
+        <[u8; 32]>::from(Sha256::digest(framed(
+            domain::CONFIRM,
+            &[&bundle_id(), backup_id().as_bytes(), card_id().as_bytes(), &wallet]
+        )))
+    );
+    pin!(CONFIRM_DIGEST, digest);
+    let signature = sign_digest(&key(&BACKUP_SECRET), &digest);
+    pin!(CONFIRM_SIGNATURE, signature);
+    let conf = ImportConfirmation { card_id: backup_id(), wallet_key: wallet, signature };
+    pin!(CONFIRM_RESPONSE, conf.encode());
+    let parsed = ImportConfirmation::parse(&hex::decode(CONFIRM_RESPONSE).expect("hex")).expect("parses");
+    parsed.verify(key(&BACKUP_SECRET).verifying_key(), &bundle_id(), &card_id()).expect("verifies");
+    assert!(parsed.verify(key(&BACKUP_SECRET).verifying_key(), &bundle_id(), &backup_id()).is_err());
+
+    // PROVE WALLET: the wallet key signs; the backup proves the same key.
+    let challenge = bytes::<32>(CHALLENGE);
+    let digest = wallet_proof_digest(&challenge, &card_id(), Some(&bundle_id()));
+    assert_eq!(
+        digest,
+        <[u8; 32]>::from(Sha256::digest(framed(
+            domain::WALLET_PROOF,
+            &[&challenge, card_id().as_bytes(), &bundle_id()]
+        )))
+    );
+    pin!(WALLET_PROOF_DIGEST, digest);
+    pin!(WALLET_PROOF_DIGEST_UNBUNDLED, wallet_proof_digest(&challenge, &card_id(), None));
+    let signature = sign_digest(&key(&WALLET_SECRET), &digest);
+    pin!(WALLET_PROOF_SIGNATURE, signature);
+    let proof = WalletProof { wallet_key: wallet, signature };
+    pin!(WALLET_PROOF_RESPONSE, proof.encode());
+    let parsed = WalletProof::parse(&hex::decode(WALLET_PROOF_RESPONSE).expect("hex")).expect("parses");
+    let verified = parsed.verify(&challenge, &card_id(), Some(&bundle_id())).expect("verifies");
+    assert_eq!(public_key_bytes(&verified), wallet);
+    assert!(parsed.verify(&challenge, &card_id(), None).is_err(), "bound to the bundle");
+    assert!(parsed.verify(&challenge, &backup_id(), Some(&bundle_id())).is_err(), "bound to the card");
+
+    // FINALIZE: the card key over bundle, card, role and wallet key.
+    let primary = sealed_digest(&bundle_id(), &card_id(), Role::Primary, &wallet);
+    assert_eq!(
+        primary,
+        <[u8; 32]>::from(Sha256::digest(framed(
+            domain::SEALED,
+            &[&bundle_id(), card_id().as_bytes(), &[0x01], &wallet]
+        )))
+    );
+    pin!(SEALED_DIGEST_PRIMARY, primary);
+    let signature = sign_digest(&key(&CARD_SECRET), &primary);
+    pin!(SEALED_SIGNATURE_PRIMARY, signature);
+    pin!(FINALIZE_RESPONSE_PRIMARY, card::tlv::tlv(0x9E, &signature));
+    let backup = sealed_digest(&bundle_id(), &backup_id(), Role::Backup, &wallet);
+    pin!(SEALED_DIGEST_BACKUP, backup);
+    pin!(SEALED_SIGNATURE_BACKUP, sign_digest(&key(&BACKUP_SECRET), &backup));
+}
+
+#[test]
+fn backup_linking_encodings_are_canonical_only() {
+    let blob = hex::decode(TRANSFER_BLOB).expect("hex");
+    refused_as_non_canonical(TransferBlob::parse(&[blob.clone(), card::tlv::tlv(0x85, &[0x01])].concat()), "trailing");
+    let mut swapped = objects(&blob);
+    assert_eq!(swapped.len(), 8);
+    swapped.swap(1, 2);
+    refused_as_non_canonical(TransferBlob::parse(&swapped.concat()), "to before from");
+    let mut att = objects(&hex::decode(LINK_ATTESTATION_RESPONSE).expect("hex"));
+    att.swap(1, 2);
+    refused_as_non_canonical(LinkAttestation::parse(&att.concat()), "signature before firmware hash");
+    let mut conf = objects(&hex::decode(CONFIRM_RESPONSE).expect("hex"));
+    conf.push(card::tlv::tlv(0x85, &[0x01]));
+    refused_as_non_canonical(ImportConfirmation::parse(&conf.concat()), "trailing 85");
+    let mut proof = objects(&hex::decode(WALLET_PROOF_RESPONSE).expect("hex"));
+    proof.reverse();
+    refused_as_non_canonical(WalletProof::parse(&proof.concat()), "signature before key");
+}
+
+#[test]
+fn backup_linking_command_apdus_of_the_host_client() {
+    let nonce = bytes::<32>(LINK_NONCE);
+    let select_backup = [
+        card::tlv::tlv(0x85, &[1]),
+        card::tlv::tlv(0x82, &[Lifecycle::Linked as u8]),
+        card::tlv::tlv(0x8A, &[0x00]),
+        card::tlv::tlv(0x88, &[Role::Backup as u8]),
+        card::tlv::tlv(0x89, &bundle_id()),
+    ]
+    .concat();
+    pin!(SELECT_RESPONSE_LINKED_BACKUP, &select_backup);
+    let mut t = Scripted {
+        atr: Atr::default(),
+        answers: vec![
+            ok(SELECT_RESPONSE_LINKED_BACKUP),
+            ok(LINK_PRIMARY_RESPONSE),
+            ok(LINK_ATTESTATION_RESPONSE),
+            ok(""),
+            ok(""),
+            ok(TRANSFER_BLOB),
+            ok(CONFIRM_RESPONSE),
+            ok(""),
+            ok(WALLET_PROOF_RESPONSE),
+            ok(FINALIZE_RESPONSE_PRIMARY),
+            ok(""),
+            ok(""),
+            ok(""),
+        ],
+        sent: Vec::new(),
+    };
+    {
+        let mut w = WalletClient::new(&mut t);
+        let info = w.select().expect("select");
+        assert_eq!(
+            (info.lifecycle, info.role, info.bundle_id, info.has_wallet_key),
+            (Lifecycle::Linked, Some(Role::Backup), Some(bundle_id()), false)
+        );
+        assert_eq!(w.link_primary(&bundle_id(), BACKUPS_ANNOUNCED).expect("link primary"), nonce);
+        let att = w.link_backup(&bundle_id(), &hex::decode(CERT).expect("hex"), &nonce).expect("link backup");
+        w.add_backup(&backup_certificate().encode(), &att).expect("add backup");
+        assert_eq!(hex::encode(w.export_to(&backup_id()).expect("export")), TRANSFER_BLOB);
+        let conf = w.import(&hex::decode(TRANSFER_BLOB).expect("hex")).expect("import");
+        w.confirm_backup(&conf).expect("confirm");
+        assert_eq!(w.prove_wallet(&bytes(CHALLENGE)).expect("prove").wallet_key, wallet_public());
+        assert_eq!(hex::encode(w.finalize().expect("finalize")), SEALED_SIGNATURE_PRIMARY);
+        w.abort_bundle().expect("abort");
+        w.set_access_code(&hex::decode(ACCESS_CODE).expect("hex")).expect("set");
+        w.verify_access_code(&hex::decode(ACCESS_CODE).expect("hex")).expect("verify");
+    }
+    let sent: Vec<String> = t.sent.iter().map(hex::encode).collect();
+    let expected = [
+        APDU_SELECT,
+        APDU_LINK_PRIMARY,
+        APDU_LINK_BACKUP,
+        APDU_ADD_BACKUP_1,
+        APDU_ADD_BACKUP_2,
+        APDU_EXPORT,
+        APDU_IMPORT,
+        APDU_CONFIRM_BACKUP,
+        APDU_PROVE_WALLET,
+        APDU_FINALIZE,
+        APDU_ABORT_BUNDLE,
+        APDU_SET_ACCESS_CODE,
+        APDU_VERIFY_ACCESS_CODE,
+    ];
+    let names = [
+        "APDU_SELECT",
+        "APDU_LINK_PRIMARY",
+        "APDU_LINK_BACKUP",
+        "APDU_ADD_BACKUP_1",
+        "APDU_ADD_BACKUP_2",
+        "APDU_EXPORT",
+        "APDU_IMPORT",
+        "APDU_CONFIRM_BACKUP",
+        "APDU_PROVE_WALLET",
+        "APDU_FINALIZE",
+        "APDU_ABORT_BUNDLE",
+        "APDU_SET_ACCESS_CODE",
+        "APDU_VERIFY_ACCESS_CODE",
+    ];
+    assert_eq!(sent.len(), expected.len());
+    for ((got, want), name) in sent.iter().zip(expected).zip(names) {
+        assert_eq!(got, want, "{name}");
+    }
+    // ADD BACKUP is chained: CLA 90 then CLA 80, each a short APDU.
+    assert_eq!((&APDU_ADD_BACKUP_1[..2], &APDU_ADD_BACKUP_2[..2]), ("90", "80"));
+    assert!(t.sent.iter().all(|a| Command::parse(a).is_ok_and(|c| !c.is_extended())), "short APDUs only");
 }
 
 // ---------------------------------------------------------------------------

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use card::transport::{CardReader, ReaderMonitor, TransportError};
 
 use crate::handler::CardHandler;
+use crate::pairing::{self, BundleStatus};
 use crate::recipe::{CardOutcome, Recipe};
-use crate::worker::{self, Event};
+use crate::worker::{self, Event, LaneState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
@@ -26,6 +27,9 @@ pub struct Summary {
     pub outcomes: Vec<CardOutcome>,
     pub elapsed: Duration,
     pub readers: usize,
+    /// Bundles sealed and aborted (by bundle id).
+    pub bundles_sealed: Vec<String>,
+    pub bundles_aborted: Vec<String>,
 }
 
 impl Summary {
@@ -70,13 +74,21 @@ pub fn open_all(monitor: &mut dyn ReaderMonitor) -> Result<Vec<Box<dyn CardReade
     monitor.readers()?.iter().map(|id| monitor.open(id)).collect()
 }
 
-/// Runs workers on `readers` until `target` outcomes arrived; `on_event`
+/// Where a batch writes its files (bundle labels).
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    pub labels: Option<std::path::PathBuf>,
+}
+
+/// Runs workers on `readers` until `target` cards reached a final state;
+/// with bundling on, a bundle coordinator pairs the ready cards. `on_event`
 /// sees every event (progress printing, later the dashboard).
 pub fn run(
     readers: Vec<Box<dyn CardReader>>,
     recipe: Arc<Recipe>,
     handler: Arc<dyn CardHandler>,
     target: usize,
+    output: Output,
     mut on_event: impl FnMut(&Event),
 ) -> Result<Summary, BatchError> {
     if readers.is_empty() {
@@ -86,39 +98,92 @@ pub fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::unbounded();
     let started = Instant::now();
+    let coordinator = match &recipe.profile.bundles {
+        Some(b) => Some(
+            pairing::start(pairing::Setup {
+                bundles: b.clone(),
+                ledger: recipe.ledger.clone(),
+                batch_id: recipe.batch_id,
+                events: tx.clone(),
+                labels: output.labels.clone(),
+            })
+            .map_err(|e| BatchError::Fatal(format!("cannot start the bundle coordinator: {e}")))?,
+        ),
+        None => None,
+    };
+    let ctx = worker::Context {
+        recipe: Arc::clone(&recipe),
+        handler,
+        coordinator: coordinator.as_ref().map(|(c, _)| c.clone()),
+        events: tx.clone(),
+        stop: Arc::clone(&stop),
+    };
     let mut handles = Vec::with_capacity(n);
     for reader in readers {
-        let (recipe, handler, tx, stop) = (Arc::clone(&recipe), Arc::clone(&handler), tx.clone(), Arc::clone(&stop));
+        let ctx = ctx.clone();
         let name = format!("reader-{}", reader.id());
         let h = std::thread::Builder::new()
             .name(name)
-            .spawn(move || worker::run(reader, recipe, handler, tx, stop))
+            .spawn(move || worker::run(reader, ctx))
             .map_err(|e| BatchError::Fatal(format!("cannot start a worker thread: {e}")))?;
         handles.push(h);
     }
+    drop(ctx);
     drop(tx);
     let mut outcomes = Vec::with_capacity(target);
+    let mut waiting = std::collections::HashSet::new();
+    let mut offered = 0usize;
+    let (mut sealed, mut aborted) = (Vec::new(), Vec::new());
+    let mut told_no_more = false;
     let mut fatal = None;
     while outcomes.len() < target {
         let Ok(ev) = rx.recv() else { break };
         on_event(&ev);
         match ev {
-            Event::Outcome(o) => outcomes.push(o),
+            Event::Outcome(o) => {
+                waiting.remove(&o.reader);
+                outcomes.push(o);
+            }
+            Event::Lane { reader, state: LaneState::WaitingForPairing } => {
+                offered += 1;
+                waiting.insert(reader);
+            }
+            Event::Bundle { bundle, status: BundleStatus::Sealed, .. } => sealed.push(bundle),
+            Event::Bundle { bundle, status: BundleStatus::Aborted, .. } => aborted.push(bundle),
             Event::Fatal { reader, error } => {
                 fatal = Some(format!("{reader}: {error}"));
                 break;
             }
             _ => {}
         }
+        // Every card has been through its recipe: no more will come to
+        // pair with the ones waiting, so the coordinator must not hold them.
+        if !told_no_more && outcomes.len() + waiting.len() >= target {
+            if let Some((c, _)) = &coordinator {
+                c.no_more_cards(offered);
+            }
+            told_no_more = true;
+        }
     }
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
+    if let Some((c, join)) = coordinator {
+        // Releases the cards it still holds; their workers then finish.
+        c.stop();
+        let _ = join.join();
+    }
     for h in handles {
         let _ = h.join();
     }
-    // Events sent while stopping (lane changes) are not needed any more.
+    while let Ok(ev) = rx.try_recv() {
+        match ev {
+            Event::Bundle { bundle, status: BundleStatus::Sealed, .. } => sealed.push(bundle),
+            Event::Bundle { bundle, status: BundleStatus::Aborted, .. } => aborted.push(bundle),
+            _ => {}
+        }
+    }
     if let Some(e) = fatal {
         return Err(BatchError::Fatal(e));
     }
-    Ok(Summary { outcomes, elapsed, readers: n })
+    Ok(Summary { outcomes, elapsed, readers: n, bundles_sealed: sealed, bundles_aborted: aborted })
 }

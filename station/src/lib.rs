@@ -6,6 +6,7 @@ pub mod batch;
 pub mod firmware;
 pub mod handler;
 pub mod ledger;
+pub mod pairing;
 pub mod profile;
 pub mod recipe;
 pub mod sim;

@@ -72,6 +72,9 @@ struct RunArgs {
     /// Batch name for the ledger (default: derived from the time).
     #[arg(long)]
     batch: Option<String>,
+    /// Folder for the batch's files (bundle labels); default reports/<batch>.
+    #[arg(long)]
+    report_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -372,11 +375,13 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     }
     let total = args.cards;
     let mut done = 0usize;
-    let summary = batch::run(readers, recipe, feeder, total, |ev| print_event(ev, &mut done, total))?;
+    let report_dir = args.report_dir.clone().unwrap_or_else(|| PathBuf::from("reports").join(&name));
+    let output = batch::Output { labels: profile.bundles.as_ref().map(|_| report_dir.join("labels")) };
+    let summary = batch::run(readers, recipe, feeder, total, output, |ev| print_event(ev, &mut done, total))?;
     ledger.finish_batch(batch_id)?;
     drop(ledger);
     writer.close();
-    print_summary(&summary, &args.ledger);
+    print_summary(&summary, &args.ledger, profile.bundles.as_ref().map(|_| report_dir.as_path()));
     Ok(())
 }
 
@@ -386,10 +391,16 @@ fn print_event(ev: &Event, done: &mut usize, total: usize) {
             *done += 1;
             let id = o.card_id.map_or_else(|| "(unidentified)".to_string(), |c| c.to_hex());
             match &o.result {
-                Ok(serial) => println!(
-                    "[{:>3}/{total}] {:<7} {id} PASS  serial {serial:<5} {:>6.1}s",
+                Ok(p) => println!(
+                    "[{:>3}/{total}] {:<7} {id} PASS  serial {:<5} {:<9}{} {:>6.1}s",
                     *done,
                     o.reader.as_str(),
+                    p.serial.map_or("-".to_string(), |s| s.to_string()),
+                    p.stage,
+                    match (&p.role, &p.bundle) {
+                        (Some(r), Some(b)) => format!(" {r} of {}", &b[..8.min(b.len())]),
+                        _ => String::new(),
+                    },
                     o.elapsed.as_secs_f64()
                 ),
                 Err(f) => println!(
@@ -404,18 +415,34 @@ fn print_event(ev: &Event, done: &mut usize, total: usize) {
             }
         }
         Event::Lane { reader, state: LaneState::ReaderError(e) } => println!("{reader}: reader error: {e}"),
+        Event::Bundle { bundle, status: station::pairing::BundleStatus::Sealed, members } => {
+            println!("        bundle {} sealed: {} cards", &bundle[..8.min(bundle.len())], members.len())
+        }
+        Event::Bundle { bundle, status: station::pairing::BundleStatus::Aborted, .. } => {
+            println!("        bundle {} aborted", &bundle[..8.min(bundle.len())])
+        }
         Event::Fatal { reader, error } => println!("{reader}: FATAL {error}"),
-        Event::Progress { progress: Progress::Load { .. }, .. } | Event::Progress { .. } | Event::Lane { .. } => {}
+        Event::Progress { progress: Progress::Load { .. }, .. }
+        | Event::Progress { .. }
+        | Event::Lane { .. }
+        | Event::Bundle { .. } => {}
     }
 }
 
-fn print_summary(s: &Summary, ledger: &Path) {
+fn print_summary(s: &Summary, ledger: &Path, report_dir: Option<&Path>) {
     println!();
     println!("summary: {} cards in {:.1}s on {} readers", s.outcomes.len(), s.elapsed.as_secs_f64(), s.readers);
     println!("  passed:           {}", s.passed());
     println!("  failed:           {}", s.failed());
     println!("  first-pass yield: {:.1}%", s.first_pass_yield() * 100.0);
     println!("  throughput:       {:.0} cards/hour", s.cards_per_hour());
+    if let Some(dir) = report_dir {
+        let unpaired = s.outcomes.iter().filter(|o| o.result.as_ref().is_ok_and(|p| p.stage == "unpaired")).count();
+        println!("  bundles sealed:   {}", s.bundles_sealed.len());
+        println!("  bundles aborted:  {}", s.bundles_aborted.len());
+        println!("  passed unpaired:  {unpaired}");
+        println!("  bundle labels:    {}", dir.join("labels").display());
+    }
     let failures = s.failures();
     if !failures.is_empty() {
         println!("  failures by step and reason:");

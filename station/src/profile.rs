@@ -61,6 +61,28 @@ struct RawProfile {
     timeouts: RawTimeouts,
     #[serde(default)]
     retries: RawRetries,
+    #[serde(default)]
+    bundles: Option<RawBundles>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBundles {
+    /// Backup cards per primary (1..=4); 0 turns bundling off.
+    backups: Spanned<u32>,
+    /// A ready card waiting longer than this for partners is released.
+    #[serde(default = "default_max_wait_s")]
+    max_wait_s: Spanned<u32>,
+    /// What a released (unpaired) card becomes: `pass` or `fail`.
+    #[serde(default = "default_unpaired")]
+    unpaired: Spanned<String>,
+}
+
+fn default_max_wait_s() -> Spanned<u32> {
+    unspanned(600)
+}
+fn default_unpaired() -> Spanned<String> {
+    unspanned("pass".to_string())
 }
 
 #[derive(Debug, Deserialize)]
@@ -254,6 +276,32 @@ pub struct Profile {
     pub timeouts: Timeouts,
     /// Extra attempts on a card still on its reader after a retryable failure.
     pub card_retries: u32,
+    /// Pairing into bundles; `None` leaves cards "ready for pairing".
+    pub bundles: Option<Bundles>,
+}
+
+/// What happens to a ready card that finds no partners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpaired {
+    /// Recorded passed, stage "unpaired".
+    Pass,
+    /// Recorded failed at pairing.
+    Fail,
+}
+
+/// Bundle settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundles {
+    pub backups: usize,
+    pub max_wait: Duration,
+    pub unpaired: Unpaired,
+}
+
+impl Bundles {
+    /// Cards per bundle: the primary and its backups.
+    pub fn size(&self) -> usize {
+        self.backups + 1
+    }
 }
 
 impl Profile {
@@ -515,6 +563,31 @@ impl Validator {
         if !(1..=3600).contains(&t.card_s.value) {
             self.problem(&t.card_s, "timeouts.card_s", "must be within 1..=3600");
         }
+        let bundles = match &raw.bundles {
+            None => None,
+            Some(b) if b.backups.value == 0 => None,
+            Some(b) => {
+                if b.backups.value > 4 {
+                    self.problem(&b.backups, "bundles.backups", "at most 4 backups per primary (0 turns bundling off)");
+                }
+                if !(1..=86_400).contains(&b.max_wait_s.value) {
+                    self.problem(&b.max_wait_s, "bundles.max_wait_s", "must be within 1..=86400");
+                }
+                let unpaired = match b.unpaired.value.as_str() {
+                    "pass" => Unpaired::Pass,
+                    "fail" => Unpaired::Fail,
+                    other => {
+                        self.problem(&b.unpaired, "bundles.unpaired", format!("{other:?}: use pass or fail"));
+                        Unpaired::Pass
+                    }
+                };
+                Some(Bundles {
+                    backups: b.backups.value as usize,
+                    max_wait: Duration::from_secs(u64::from(b.max_wait_s.value)),
+                    unpaired,
+                })
+            }
+        };
         if raw.retries.card.value > 5 {
             self.problem(&raw.retries.card, "retries.card", "at most 5");
         }
@@ -543,6 +616,7 @@ impl Validator {
                 card: Duration::from_secs(u64::from(t.card_s.value)),
             },
             card_retries: raw.retries.card.value,
+            bundles,
         })
     }
 }

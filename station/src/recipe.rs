@@ -32,9 +32,12 @@ pub enum Step {
     Attestation,
     SelfTests,
     Record,
+    /// Bundle forming (after the card's own recipe).
+    Pairing,
 }
 
 impl Step {
+    /// The card's own recipe, in order (pairing follows when bundling).
     pub const ALL: [Step; 7] = [
         Step::Identify,
         Step::Session,
@@ -55,6 +58,7 @@ impl Step {
             Self::Attestation => "attestation",
             Self::SelfTests => "self_tests",
             Self::Record => "record",
+            Self::Pairing => "pairing",
         }
     }
 }
@@ -84,7 +88,7 @@ impl Failure {
     }
 
     /// A card-layer error, classified for operators.
-    fn card(step: Step, e: &CardError) -> Self {
+    pub fn from_card_error(step: Step, e: &CardError) -> Self {
         use card::gp::scp03::Scp03Error;
         let (reason, retryable) = match e {
             CardError::Transport(TransportError::CardRemoved) => ("card removed".to_string(), true),
@@ -108,14 +112,38 @@ impl fmt::Display for Failure {
     }
 }
 
+/// A card that passed: its serial once recorded passed, how far it got
+/// ("ready_for_pairing", "bundled", "unpaired"), and its bundle and role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Passed {
+    pub serial: Option<i64>,
+    pub stage: String,
+    pub bundle: Option<String>,
+    pub role: Option<String>,
+}
+
+/// A card that passed its own recipe and waits, on its reader, for pairing:
+/// what the bundle coordinator needs to know of it.
+#[derive(Debug, Clone)]
+pub struct ReadyCard {
+    pub card_id: CardId,
+    pub attempt: u32,
+    /// The identity certificate as the card returned it (7F21).
+    pub certificate: Vec<u8>,
+    /// The card key, verified against a pinned CA.
+    pub card_key: VerifyingKey,
+}
+
 /// What happened to one card.
 #[derive(Debug, Clone)]
 pub struct CardOutcome {
     pub reader: ReaderId,
     pub card_id: Option<CardId>,
-    pub result: Result<i64, Failure>,
+    pub result: Result<Passed, Failure>,
     pub elapsed: Duration,
     pub attempt: u32,
+    /// Set when the card passed its recipe and now waits for pairing.
+    pub ready: Option<Box<ReadyCard>>,
 }
 
 impl CardOutcome {
@@ -163,6 +191,13 @@ fn random<const N: usize>() -> [u8; N] {
     getrandom::fill(&mut b).expect("the operating system's random number generator failed");
     b
 }
+
+/// The verified card key and the certificate it came in.
+type Identity = (VerifyingKey, Vec<u8>);
+
+/// A card through its own recipe: passed, and ready for pairing when
+/// bundling is on.
+type Finished = (Passed, Option<Box<ReadyCard>>);
 
 /// One card's attempt: the ids the journal needs.
 struct Attempt<'a> {
@@ -226,6 +261,7 @@ impl Recipe {
             result: Err(Failure::new(Step::Identify, "not started", "", true)),
             elapsed: Duration::ZERO,
             attempt: 0,
+            ready: None,
         };
         progress(Progress::Step(Step::Identify));
         let identity = session::select_isd(t).and_then(|_| session::read_cplc(t));
@@ -234,7 +270,7 @@ impl Recipe {
             Err(e) => {
                 // No card id yet: nothing to journal under. The outcome still
                 // reaches the batch and the operator.
-                outcome.result = Err(Failure::card(Step::Identify, &e));
+                outcome.result = Err(Failure::from_card_error(Step::Identify, &e));
                 outcome.elapsed = started.elapsed();
                 return Ok(outcome);
             }
@@ -260,7 +296,13 @@ impl Recipe {
         let attempt = prior.as_ref().map_or(1, |p| p.attempts + 1);
         outcome.attempt = attempt;
         let a = Attempt { ledger: &self.ledger, card: card_id, attempt, reader: reader.as_str() };
-        outcome.result = self.steps(&a, t, prior.as_ref(), started, progress)?;
+        match self.steps(&a, t, prior.as_ref(), started, progress)? {
+            Ok((passed, ready)) => {
+                outcome.result = Ok(passed);
+                outcome.ready = ready;
+            }
+            Err(f) => outcome.result = Err(f),
+        }
         outcome.elapsed = started.elapsed();
         Ok(outcome)
     }
@@ -284,7 +326,7 @@ impl Recipe {
         prior: Option<&PriorRecord>,
         started: Instant,
         progress: &mut dyn FnMut(Progress),
-    ) -> Result<Result<i64, Failure>, LedgerDown> {
+    ) -> Result<Result<Finished, Failure>, LedgerDown> {
         let profile = &self.profile;
 
         step!(a.step(Step::Identify, progress, |_| self.identify(a.card, t, prior)));
@@ -292,7 +334,7 @@ impl Recipe {
         // GP session with whichever key set the card reports.
         let gp = step!(a.step(Step::Session, progress, move |_| {
             let s = GpSession::open(t, &self.ring, 0, profile.security_level)
-                .map_err(|e| Failure::card(Step::Session, &e))?;
+                .map_err(|e| Failure::from_card_error(Step::Session, &e))?;
             let detail = format!("key version {:02X}, {:?}", s.key_version(), s.level());
             let update = CardUpdate { gp_key_version: Some(s.key_version()), ..CardUpdate::default() };
             Ok((s, detail, update))
@@ -301,7 +343,7 @@ impl Recipe {
         let gp = step!(a.step(Step::Firmware, progress, move |p| {
             let mut gp = gp;
             self.check_budget(started, Step::Firmware)?;
-            let detail = self.firmware(&mut gp, p).map_err(|e| Failure::card(Step::Firmware, &e))?;
+            let detail = self.firmware(&mut gp, p).map_err(|e| Failure::from_card_error(Step::Firmware, &e))?;
             Ok((gp, detail, CardUpdate::default()))
         }));
 
@@ -315,11 +357,11 @@ impl Recipe {
                     scheme: rot.diversification,
                 }
                 .keys_for(gp.kdd());
-                gp.put_keys(rot.version, &keys, true).map_err(|e| Failure::card(Step::KeyRotation, &e))?;
+                gp.put_keys(rot.version, &keys, true).map_err(|e| Failure::from_card_error(Step::KeyRotation, &e))?;
                 // Prove the rotation: a new session must open with the new
                 // keys, and the card must report the new version.
                 let proof = GpSession::open(gp.into_transport(), &self.ring, rot.version, profile.security_level)
-                    .map_err(|e| Failure::card(Step::KeyRotation, &e))?;
+                    .map_err(|e| Failure::from_card_error(Step::KeyRotation, &e))?;
                 if proof.key_version() != rot.version {
                     return Err(Failure::new(
                         Step::KeyRotation,
@@ -335,7 +377,7 @@ impl Recipe {
             _ => gp.into_transport(),
         };
 
-        let card_key = step!(a.step(Step::Attestation, progress, |_| {
+        let (card_key, certificate) = step!(a.step(Step::Attestation, progress, |_| {
             self.check_budget(started, Step::Attestation)?;
             self.attest(a.card, t, prior)
         }));
@@ -347,8 +389,16 @@ impl Recipe {
         }));
 
         progress(Progress::Step(Step::Record));
+        let ready = Passed { serial: None, stage: STAGE_READY.to_string(), bundle: None, role: None };
+        if profile.bundles.is_some() {
+            // Passed its own recipe; recorded passed only when bundled or
+            // released by the coordinator.
+            a.ledger.ready(a.card, a.attempt)?;
+            let card = ReadyCard { card_id: a.card, attempt: a.attempt, certificate, card_key };
+            return Ok(Ok((ready, Some(Box::new(card)))));
+        }
         let serial = a.ledger.pass(a.card, a.attempt, STAGE_READY)?;
-        Ok(Ok(serial))
+        Ok(Ok((Passed { serial: Some(serial), ..ready }, None)))
     }
 
     /// Makes sure exactly the manifest's package and instances are on the
@@ -463,10 +513,10 @@ impl Recipe {
     ) -> Result<((), String, CardUpdate), Failure> {
         const S: Step = Step::Identify;
         let atr = hex::encode_upper(&t.atr().0);
-        let Some(bytes) = session::read_identity(t).map_err(|e| Failure::card(S, &e))? else {
+        let Some(bytes) = session::read_identity(t).map_err(|e| Failure::from_card_error(S, &e))? else {
             return Ok(((), format!("ATR {atr}; no identity certificate before attestation"), CardUpdate::default()));
         };
-        let cert = Certificate::parse(&bytes).map_err(|e| Failure::card(S, &e))?;
+        let cert = Certificate::parse(&bytes).map_err(|e| Failure::from_card_error(S, &e))?;
         self.check_identity(S, card_id, &cert, prior)?;
         let update = CardUpdate {
             card_public_key: Some(hex::encode_upper(cert.public_key)),
@@ -484,15 +534,15 @@ impl Recipe {
         card_id: CardId,
         t: &mut dyn Transport,
         prior: Option<&PriorRecord>,
-    ) -> Result<(VerifyingKey, String, CardUpdate), Failure> {
+    ) -> Result<(Identity, String, CardUpdate), Failure> {
         const S: Step = Step::Attestation;
         let mut w = WalletClient::new(t);
-        let info = w.select().map_err(|e| Failure::card(S, &e))?;
+        let info = w.select().map_err(|e| Failure::from_card_error(S, &e))?;
         let cert_failure = |reason: &str, detail: String| Failure::new(S, reason, detail, false);
-        let cert = w.identity().map_err(|e| Failure::card(S, &e))?;
+        let cert = w.identity().map_err(|e| Failure::from_card_error(S, &e))?;
         let card_key = self.check_identity(S, card_id, &cert, prior)?;
         let challenge: [u8; 32] = random();
-        let att = w.attest(&challenge).map_err(|e| Failure::card(S, &e))?;
+        let att = w.attest(&challenge).map_err(|e| Failure::from_card_error(S, &e))?;
         if att.card_id != card_id {
             return Err(cert_failure("identity mismatch", format!("attestation names {}", att.card_id)));
         }
@@ -541,7 +591,7 @@ impl Recipe {
             attested: Some(true),
             ..CardUpdate::default()
         };
-        Ok((card_key, detail, update))
+        Ok(((card_key, cert.encode()), detail, update))
     }
 
     /// On-card KATs, signatures over host vectors verified here with k256,
@@ -552,7 +602,7 @@ impl Recipe {
         let mut w = WalletClient::new(t);
         let mut done = Vec::new();
         if st.kat {
-            let bits = w.self_test_kat().map_err(|e| Failure::card(S, &e))?;
+            let bits = w.self_test_kat().map_err(|e| Failure::from_card_error(S, &e))?;
             if bits != wallet::self_test::KAT_ALL {
                 let names = [(0x01, "SHA-256"), (0x02, "AES"), (0x04, "ECDSA"), (0x08, "ECDH"), (0x10, "RNG")];
                 let failed: Vec<&str> = names.iter().filter(|(b, _)| bits & b == 0).map(|(_, n)| *n).collect();
@@ -567,7 +617,7 @@ impl Recipe {
         }
         for i in 0..st.signatures {
             let vector: [u8; 32] = random();
-            let sig = w.self_test_sign(&vector).map_err(|e| Failure::card(S, &e))?;
+            let sig = w.self_test_sign(&vector).map_err(|e| Failure::from_card_error(S, &e))?;
             if !wallet::verify_digest(card_key, &wallet::self_test_digest(&card_id, &vector), &sig) {
                 return Err(Failure::new(
                     S,
@@ -584,7 +634,7 @@ impl Recipe {
         let mut chunks = Vec::new();
         while samples.len() < st.rng_bytes {
             let n = (st.rng_bytes - samples.len()).min(128);
-            let chunk = w.get_challenge(n).map_err(|e| Failure::card(S, &e))?;
+            let chunk = w.get_challenge(n).map_err(|e| Failure::from_card_error(S, &e))?;
             samples.extend_from_slice(&chunk);
             chunks.push(chunk);
         }
@@ -595,7 +645,7 @@ impl Recipe {
             use sha2::Digest;
             sha2::Sha256::digest(wallet::memory_pattern(&seed, st.memory_bytes as usize)).into()
         };
-        let got = w.self_test_memory(&seed, st.memory_bytes).map_err(|e| Failure::card(S, &e))?;
+        let got = w.self_test_memory(&seed, st.memory_bytes).map_err(|e| Failure::from_card_error(S, &e))?;
         if got != expected {
             return Err(Failure::new(
                 S,

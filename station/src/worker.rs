@@ -1,17 +1,20 @@
 //! One worker thread per reader: it owns its `CardReader`, waits for a
-//! card, runs the recipe, hands the card to the `CardHandler`, and reports
-//! everything as events. A failing, hostile or panicking card only ever
-//! affects its own reader.
+//! card, runs the recipe, serves the bundle coordinator while the card waits
+//! for pairing (the card stays connected on this thread), hands the card to
+//! the `CardHandler`, and reports everything as events. A failing, hostile
+//! or panicking card only ever affects its own reader.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use card::transport::{CardReader, ReaderId, SlotState};
+use card::CardId;
+use card::transport::{CardReader, ReaderId, SlotState, Transport};
 use crossbeam_channel::Sender;
 
 use crate::handler::{Bin, CardHandler};
+use crate::pairing::{BundleStatus, Coordinator, Lane, LaneMsg, Waiting};
 use crate::recipe::{CardOutcome, Failure, Progress, Recipe, Step};
 
 /// What a lane (reader) shows.
@@ -19,13 +22,14 @@ use crate::recipe::{CardOutcome, Failure, Progress, Recipe, Step};
 pub enum LaneState {
     InsertCard,
     Working,
+    WaitingForPairing,
     Pass,
     Fail,
     RemoveCard,
     ReaderError(String),
 }
 
-/// Everything workers report.
+/// Everything workers and the coordinator report.
 #[derive(Debug, Clone)]
 pub enum Event {
     Lane {
@@ -36,7 +40,13 @@ pub enum Event {
         reader: ReaderId,
         progress: Progress,
     },
+    /// A card's final outcome (after pairing, when bundling).
     Outcome(CardOutcome),
+    Bundle {
+        bundle: String,
+        status: BundleStatus,
+        members: Vec<CardId>,
+    },
     /// The station cannot go on (the ledger stopped recording).
     Fatal {
         reader: ReaderId,
@@ -47,20 +57,24 @@ pub enum Event {
 /// How often a worker looks at its stop flag while waiting.
 const POLL: Duration = Duration::from_millis(200);
 
-pub fn run(
-    mut reader: Box<dyn CardReader>,
-    recipe: Arc<Recipe>,
-    handler: Arc<dyn CardHandler>,
-    events: Sender<Event>,
-    stop: Arc<AtomicBool>,
-) {
+/// What a worker needs besides its reader.
+#[derive(Clone)]
+pub struct Context {
+    pub recipe: Arc<Recipe>,
+    pub handler: Arc<dyn CardHandler>,
+    pub coordinator: Option<Coordinator>,
+    pub events: Sender<Event>,
+    pub stop: Arc<AtomicBool>,
+}
+
+pub fn run(mut reader: Box<dyn CardReader>, ctx: Context) {
     let id = reader.id().clone();
     let lane = |state| {
-        let _ = events.send(Event::Lane { reader: id.clone(), state });
+        let _ = ctx.events.send(Event::Lane { reader: id.clone(), state });
     };
     let mut known = SlotState::Empty;
     lane(LaneState::InsertCard);
-    while !stop.load(Ordering::Relaxed) {
+    while !ctx.stop.load(Ordering::Relaxed) {
         let state = match reader.wait_change(&known, POLL) {
             Ok(s) => s,
             Err(e) => {
@@ -80,10 +94,10 @@ pub fn run(
         lane(LaneState::Working);
         let mut tries = 0;
         let outcome = loop {
-            let outcome = match process(&mut *reader, &recipe, &events) {
+            let outcome = match process(&mut *reader, &ctx) {
                 Ok(o) => o,
                 Err(e) => {
-                    let _ = events.send(Event::Fatal { reader: id.clone(), error: e });
+                    let _ = ctx.events.send(Event::Fatal { reader: id.clone(), error: e });
                     return;
                 }
             };
@@ -91,8 +105,8 @@ pub fn run(
             // reader (connect powers it up afresh); a card that left cannot
             // be retried here.
             let retry = matches!(&outcome.result, Err(f) if f.retryable)
-                && tries < recipe.profile.card_retries
-                && !stop.load(Ordering::Relaxed)
+                && tries < ctx.recipe.profile.card_retries
+                && !ctx.stop.load(Ordering::Relaxed)
                 && reader.wait_change(&known, Duration::ZERO).is_ok_and(|s| s == known);
             if !retry {
                 break outcome;
@@ -102,22 +116,24 @@ pub fn run(
         };
         let bin = if outcome.passed() { Bin::Pass } else { Bin::Fail };
         lane(if outcome.passed() { LaneState::Pass } else { LaneState::Fail });
-        let _ = events.send(Event::Outcome(outcome));
-        handler.eject(&id, bin);
+        let _ = ctx.events.send(Event::Outcome(outcome));
+        ctx.handler.eject(&id, bin);
         lane(LaneState::RemoveCard);
     }
 }
 
-/// Connects and runs the recipe, turning a panic into a failed card.
-fn process(reader: &mut dyn CardReader, recipe: &Recipe, events: &Sender<Event>) -> Result<CardOutcome, String> {
+/// Connects, runs the recipe and, for a card ready for pairing, serves the
+/// coordinator until it gives its verdict. A panic fails the card only.
+fn process(reader: &mut dyn CardReader, ctx: &Context) -> Result<CardOutcome, String> {
     let id = reader.id().clone();
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let failed = |f: Failure| CardOutcome {
         reader: id.clone(),
         card_id: None,
         result: Err(f),
         elapsed: started.elapsed(),
         attempt: 0,
+        ready: None,
     };
     let mut transport = match reader.connect() {
         Ok(t) => t,
@@ -132,20 +148,60 @@ fn process(reader: &mut dyn CardReader, recipe: &Recipe, events: &Sender<Event>)
         }
     };
     let mut progress = |p: Progress| {
-        let _ = events.send(Event::Progress { reader: id.clone(), progress: p });
+        let _ = ctx.events.send(Event::Progress { reader: id.clone(), progress: p });
     };
-    let run = std::panic::catch_unwind(AssertUnwindSafe(|| recipe.run(&id, &mut *transport, &mut progress)));
-    match run {
-        Ok(Ok(outcome)) => Ok(outcome),
-        Ok(Err(ledger_down)) => Err(ledger_down.to_string()),
+    let run = std::panic::catch_unwind(AssertUnwindSafe(|| ctx.recipe.run(&id, &mut *transport, &mut progress)));
+    let mut outcome = match run {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(ledger_down)) => return Err(ledger_down.to_string()),
         Err(_) => {
             tracing::error!(reader = %id, "recipe panicked; card failed, reader continues");
-            Ok(failed(Failure {
+            return Ok(failed(Failure {
                 step: Step::Identify,
                 reason: "internal error".into(),
                 detail: "the recipe panicked on this card (see the station log)".into(),
                 retryable: true,
-            }))
+            }));
+        }
+    };
+    if let (Some(ready), Some(coordinator)) = (outcome.ready.take(), &ctx.coordinator) {
+        let _ = ctx.events.send(Event::Lane { reader: id.clone(), state: LaneState::WaitingForPairing });
+        outcome.result = serve_pairing(&id, &mut *transport, coordinator, *ready);
+        outcome.elapsed = started.elapsed();
+    }
+    Ok(outcome)
+}
+
+/// Hands the ready card to the coordinator and runs its calls on this
+/// reader's transport until the verdict arrives.
+fn serve_pairing(
+    id: &ReaderId,
+    t: &mut dyn Transport,
+    coordinator: &Coordinator,
+    ready: crate::recipe::ReadyCard,
+) -> Result<crate::recipe::Passed, Failure> {
+    let gone = || Failure {
+        step: Step::Pairing,
+        reason: "pairing interrupted".into(),
+        detail: "the bundle coordinator stopped before this card was paired".into(),
+        retryable: true,
+    };
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let waiting = Waiting { card: ready, lane: Lane::new(id.clone(), tx), since: Instant::now() };
+    if coordinator.offer(waiting).is_err() {
+        return Err(gone());
+    }
+    loop {
+        match rx.recv() {
+            Ok(LaneMsg::Job(job)) => {
+                // A panicking job must not take the reader down; the
+                // coordinator sees its reply channel close and aborts.
+                if std::panic::catch_unwind(AssertUnwindSafe(|| job(t))).is_err() {
+                    tracing::error!(reader = %id, "pairing call panicked");
+                }
+            }
+            Ok(LaneMsg::Verdict(v)) => return v,
+            Err(_) => return Err(gone()),
         }
     }
 }

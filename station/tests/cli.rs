@@ -38,6 +38,8 @@ fn demo_batch_with_faults_runs_and_exports() {
         "11",
         "--sim-faults",
         "counterfeit=0.2,selftest=0.1",
+        "--report-dir",
+        dir.path().to_str().expect("utf8"),
     ]);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
@@ -49,7 +51,15 @@ fn demo_batch_with_faults_runs_and_exports() {
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     let cards = doc["cards"].as_array().expect("cards");
     assert_eq!(cards.len(), 20);
-    assert!(doc["bundles"].as_array().expect("bundles").is_empty());
+    let bundles = doc["bundles"].as_array().expect("bundles");
+    let sealed: Vec<&serde_json::Value> = bundles.iter().filter(|b| b["status"] == "sealed").collect();
+    assert!(!sealed.is_empty(), "the demo profile forms bundles: {doc}");
+    for b in &sealed {
+        assert!(b["bundle_id"].is_string() && b["primary"].is_string() && b["wallet_pubkey"].is_string(), "{b}");
+        assert_eq!(b["backups"].as_array().expect("backups").len(), 2, "{b}");
+    }
+    let labels = std::fs::read_dir(dir.path().join("labels")).expect("labels folder").count();
+    assert_eq!(labels, sealed.len(), "one label per sealed bundle");
     for c in cards {
         for field in [
             "card_id",

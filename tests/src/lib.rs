@@ -35,6 +35,13 @@ pub struct Batch {
     _dir: tempfile::TempDir,
 }
 
+impl Batch {
+    /// The folder the batch wrote its bundle labels to.
+    pub fn labels(&self) -> PathBuf {
+        self._dir.path().join("labels")
+    }
+}
+
 /// Runs `cards` through the station on `readers` emulated readers at
 /// `speed`, with a SQLite ledger in a temporary directory.
 pub fn run_batch(profile: Arc<Profile>, readers: usize, cards: Vec<EmuCard>, speed: f64) -> Batch {
@@ -57,7 +64,9 @@ pub fn run_batch(profile: Arc<Profile>, readers: usize, cards: Vec<EmuCard>, spe
     feeder.fill();
     let readers = batch::open_all(&mut bank.clone()).expect("emulated readers");
     let recipe = Arc::new(Recipe::new(profile, Arc::clone(&firmware), ledger.clone(), batch_id));
-    let summary = batch::run(readers, recipe, Arc::clone(&feeder) as _, target, |_| {}).expect("batch runs");
+    let labels = dir.path().join("labels");
+    let output = batch::Output { labels: Some(labels) };
+    let summary = batch::run(readers, recipe, Arc::clone(&feeder) as _, target, output, |_| {}).expect("batch runs");
     ledger.finish_batch(batch_id).expect("finish");
     drop(ledger);
     writer.close();

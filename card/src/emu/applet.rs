@@ -1,14 +1,16 @@
-//! The emulated Tapline wallet applet (docs/card-protocol.md): identity,
-//! attestation, wallet key, signing, self-tests and GET CHALLENGE, with the
-//! lifecycle rules enforced on the card. Instances of any other package are
-//! inert applets that answer only SELECT.
+//! The emulated Tapline wallet applet (docs/card-protocol.md): dispatch
+//! (with ISO command chaining), identity, attestation, wallet key, signing,
+//! self-tests and GET CHALLENGE, with the lifecycle rules enforced on the
+//! card; the backup-linking commands and the access code are in `linking`.
+//! Instances of any other package are inert applets that answer only SELECT.
 
 use k256::ecdsa::SigningKey;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::latency::Cost;
-use super::memory::WalletState;
+use super::linking;
+use super::memory::{CommandChain, WalletState};
 use super::{Ctx, Handled, status};
 use crate::apdu::{Command, Response};
 use crate::sw::StatusWord;
@@ -26,9 +28,70 @@ pub(crate) fn select_response(ctx: &Ctx<'_>, aid: &[u8]) -> Handled {
         return (Response::ok(Vec::new()), Cost::Small);
     }
     let lifecycle = ctx.mem.wallet.as_ref().map_or(Lifecycle::Installed, |w| w.lifecycle);
+    let has_key = ctx.mem.wallet.as_ref().is_some_and(|w| w.wallet_key.is_some());
     let mut out = tlv::tlv(tag::VERSION, &[PROTOCOL_VERSION]);
     tlv::encode(tag::LIFECYCLE, &[lifecycle as u8], &mut out);
+    tlv::encode(tag::HAS_WALLET_KEY, &[u8::from(has_key)], &mut out);
+    if let Some(b) = ctx.mem.wallet.as_ref().and_then(|w| w.bundle.as_ref()) {
+        tlv::encode(tag::ROLE, &[linking::role_of(b) as u8], &mut out);
+        tlv::encode(tag::BUNDLE_ID, &b.id, &mut out);
+    }
     (Response::ok(out), Cost::Small)
+}
+
+/// The CLA 80 instructions this applet knows (chained parts of anything
+/// else are refused at once).
+fn known_ins(ins: u8) -> bool {
+    matches!(
+        ins,
+        ins::GET_IDENTITY
+            | ins::ATTEST
+            | ins::GENERATE_WALLET_KEY
+            | ins::GET_WALLET_KEY
+            | ins::LINK_PRIMARY
+            | ins::LINK_BACKUP
+            | ins::ADD_BACKUP
+            | ins::EXPORT
+            | ins::IMPORT
+            | ins::CONFIRM_BACKUP
+            | ins::PROVE_WALLET
+            | ins::FINALIZE
+            | ins::ABORT_BUNDLE
+            | ins::SET_ACCESS_CODE
+            | ins::SIGN
+            | ins::SELF_TEST
+    )
+}
+
+/// The most data a chained command may carry in all.
+const CHAIN_MAX: usize = 1024;
+
+/// ISO 7816-4 command chaining, as a JavaCard applet does it in RAM: a part
+/// (CLA 90) is buffered and answered 9000; the last part (CLA 80, same
+/// INS P1 P2) gets the whole data. Any other command drops a pending chain.
+fn unchain(ctx: &mut Ctx<'_>, cmd: &Command) -> Result<Option<Command>, Handled> {
+    let pending = ctx.ram.chain.take();
+    let same = |c: &CommandChain| (c.ins, c.p1, c.p2) == (cmd.ins, cmd.p1, cmd.p2);
+    if cmd.cla == wallet::CLA_CHAINING {
+        if !known_ins(cmd.ins) {
+            return Err(status(StatusWord::INS_NOT_SUPPORTED));
+        }
+        let mut data = pending.filter(same).map_or_else(Vec::new, |c| c.data);
+        data.extend_from_slice(&cmd.data);
+        if data.len() > CHAIN_MAX {
+            return Err(status(StatusWord::WRONG_LENGTH));
+        }
+        ctx.ram.chain = Some(CommandChain { ins: cmd.ins, p1: cmd.p1, p2: cmd.p2, data });
+        return Err((Response::ok(Vec::new()), Cost::Small));
+    }
+    match pending.filter(|c| cmd.cla == wallet::CLA && same(c)) {
+        Some(c) => {
+            let mut whole = cmd.clone();
+            whole.data = [c.data, cmd.data.clone()].concat();
+            Ok(Some(whole))
+        }
+        None => Ok(None),
+    }
 }
 
 pub(crate) fn handle(ctx: &mut Ctx<'_>, aid: &[u8], cmd: &Command) -> Handled {
@@ -36,8 +99,18 @@ pub(crate) fn handle(ctx: &mut Ctx<'_>, aid: &[u8], cmd: &Command) -> Handled {
         return status(StatusWord::INS_NOT_SUPPORTED);
     }
     if cmd.cla == 0x00 && cmd.ins == ins::GET_CHALLENGE {
+        ctx.ram.chain = None;
         return get_challenge(ctx, cmd);
     }
+    if cmd.cla == 0x00 && cmd.ins == ins::VERIFY {
+        ctx.ram.chain = None;
+        return linking::verify_access_code(ctx, cmd);
+    }
+    let whole = match unchain(ctx, cmd) {
+        Ok(w) => w,
+        Err(handled) => return handled,
+    };
+    let cmd = whole.as_ref().unwrap_or(cmd);
     if cmd.cla != wallet::CLA {
         return status(StatusWord::CLA_NOT_SUPPORTED);
     }
@@ -46,6 +119,16 @@ pub(crate) fn handle(ctx: &mut Ctx<'_>, aid: &[u8], cmd: &Command) -> Handled {
         ins::ATTEST => attest(ctx, cmd),
         ins::GENERATE_WALLET_KEY => generate_wallet_key(ctx),
         ins::GET_WALLET_KEY => get_wallet_key(ctx),
+        ins::LINK_PRIMARY => linking::link_primary(ctx, cmd),
+        ins::LINK_BACKUP => linking::link_backup(ctx, cmd),
+        ins::ADD_BACKUP => linking::add_backup(ctx, cmd),
+        ins::EXPORT => linking::export(ctx, cmd),
+        ins::IMPORT => linking::import(ctx, cmd),
+        ins::CONFIRM_BACKUP => linking::confirm_backup(ctx, cmd),
+        ins::PROVE_WALLET => linking::prove_wallet(ctx, cmd),
+        ins::FINALIZE => linking::finalize(ctx),
+        ins::ABORT_BUNDLE => linking::abort_bundle(ctx),
+        ins::SET_ACCESS_CODE => linking::set_access_code(ctx, cmd),
         ins::SIGN => sign(ctx, cmd),
         ins::SELF_TEST => self_test(ctx, cmd),
         _ => status(StatusWord::INS_NOT_SUPPORTED),
@@ -53,7 +136,7 @@ pub(crate) fn handle(ctx: &mut Ctx<'_>, aid: &[u8], cmd: &Command) -> Handled {
 }
 
 /// A card-key signature, corrupted when the fault script says so.
-fn card_sign(ctx: &Ctx<'_>, digest: &[u8; 32]) -> [u8; 64] {
+pub(super) fn card_sign(ctx: &Ctx<'_>, digest: &[u8; 32]) -> [u8; 64] {
     let mut sig = sign_digest(&ctx.chip.card_key, digest);
     if ctx.faults.bad_signature {
         sig[40] ^= 0x01;
@@ -65,13 +148,13 @@ fn state<'a>(ctx: &'a Ctx<'_>) -> Option<&'a WalletState> {
     ctx.mem.wallet.as_ref()
 }
 
-fn wallet_public(w: &WalletState) -> Option<[u8; 33]> {
+pub(super) fn wallet_public(w: &WalletState) -> Option<[u8; 33]> {
     let k = w.wallet_key.as_ref()?;
     SigningKey::from_slice(&k[..]).ok().map(|k| public_key_bytes(k.verifying_key()))
 }
 
 /// The verified hash of the package this applet runs from.
-fn firmware_hash(ctx: &Ctx<'_>) -> [u8; 32] {
+pub(super) fn firmware_hash(ctx: &Ctx<'_>) -> [u8; 32] {
     ctx.mem.packages.iter().find(|p| p.aid == wallet::PACKAGE_AID).map_or([0; 32], |p| p.hash)
 }
 
@@ -116,7 +199,8 @@ fn generate_wallet_key(ctx: &mut Ctx<'_>) -> Handled {
     let key = ctx.rng.scalar();
     let public = public_key_bytes(key.verifying_key());
     let secret = Zeroizing::new(<[u8; 32]>::from(key.to_bytes()));
-    ctx.mem.wallet = Some(WalletState { lifecycle: Lifecycle::Keyed, wallet_key: Some(secret) });
+    ctx.mem.wallet =
+        Some(WalletState { lifecycle: Lifecycle::Keyed, wallet_key: Some(secret), ..WalletState::installed() });
     (Response::ok(wallet_key_proof(ctx, public)), Cost::KeyGen)
 }
 
@@ -134,8 +218,9 @@ fn sign(ctx: &Ctx<'_>, cmd: &Command) -> Handled {
     let Some(w) = state(ctx) else {
         return status(StatusWord::CONDITIONS_NOT_SATISFIED);
     };
-    // Sealed cards need their owner's access code first (not set at the station).
-    if w.lifecycle == Lifecycle::Sealed {
+    // Sealed cards sign only for their owner: after VERIFY with the access
+    // code (which the owner sets; the station never does) since power-up.
+    if w.lifecycle == Lifecycle::Sealed && !ctx.ram.wallet_unlocked {
         return status(StatusWord::SECURITY_STATUS);
     }
     let Some(secret) = w.wallet_key.as_ref() else {

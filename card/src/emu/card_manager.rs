@@ -360,8 +360,7 @@ fn install_for_install(ctx: &mut Ctx<'_>, cmd: &Command) -> Handled {
         privileges: privs.first().copied().unwrap_or(0),
     });
     if is_wallet {
-        ctx.mem.wallet =
-            Some(super::memory::WalletState { lifecycle: crate::wallet::Lifecycle::Installed, wallet_key: None });
+        ctx.mem.wallet = Some(super::memory::WalletState::installed());
     }
     (Response::ok(vec![0x00]), Cost::Install)
 }

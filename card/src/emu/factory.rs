@@ -135,6 +135,10 @@ impl ChipFactory {
             card_key,
             certificate: cert.encode(),
             atr: pseudo_atr(b"TAPLINE-EMU"),
+            // Every chip, counterfeits included, carries the genuine vendor
+            // CA key: a counterfeit is made to look genuine, and only its
+            // own certificate gives it away.
+            vendor_ca: *self.vendor.verifying_key(),
         };
         let mem = Persistent {
             card_state: card_state::SECURED,

@@ -25,6 +25,12 @@ pub enum Cost {
     Sign(u32),
     /// Round trip plus an ECDH.
     Ecdh,
+    /// EXPORT: round trip, an ephemeral EC key generation, an ECDH and one
+    /// signature (the AES-GCM of 32 bytes is negligible).
+    Export,
+    /// IMPORT: round trip, a signature verification (about a signature's
+    /// time), an ECDH and one signature.
+    Import,
     /// The on-card known-answer test suite.
     SelfTestKat,
     /// Memory test: an EEPROM write and read of the test region.
@@ -98,6 +104,8 @@ impl LatencyModel {
             Cost::KeyGen => self.small_apdu_ms + self.keygen_ms + self.sign_ms,
             Cost::Sign(n) => self.small_apdu_ms + self.sign_ms * f64::from(n),
             Cost::Ecdh => self.small_apdu_ms + self.ecdh_ms,
+            Cost::Export => self.small_apdu_ms + self.keygen_ms + self.ecdh_ms + self.sign_ms,
+            Cost::Import => self.small_apdu_ms + self.ecdh_ms + 2.0 * self.sign_ms,
             Cost::SelfTestKat => self.small_apdu_ms + self.self_test_kat_ms,
             Cost::MemoryTest => self.small_apdu_ms + self.memory_test_ms,
         };

@@ -10,16 +10,17 @@ mod applet;
 mod card_manager;
 pub mod factory;
 pub mod latency;
+mod linking;
 pub mod memory;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use k256::ecdsa::SigningKey;
+use k256::ecdsa::{SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
 use self::latency::{Cost, LatencyModel};
-use self::memory::{Persistent, Selected, Transient};
+use self::memory::{Link, Persistent, Selected, Transient};
 use crate::apdu::{Command, Response};
 use crate::cardid::CardId;
 use crate::gp::cplc::Cplc;
@@ -106,6 +107,11 @@ pub struct Chip {
     pub card_key: SigningKey,
     pub certificate: Vec<u8>,
     pub atr: Vec<u8>,
+    /// The vendor CA public key the card checks its peers' certificates
+    /// against during backup linking (the vendor writes it with the
+    /// certificate; a counterfeit chip carries the genuine one to look
+    /// genuine, but its own certificate does not chain to it).
+    pub vendor_ca: VerifyingKey,
 }
 
 /// A deterministic random bit generator standing in for the chip's TRNG:
@@ -164,8 +170,27 @@ pub struct CardView {
     pub instances: Vec<(Vec<u8>, u8)>,
     pub wallet_lifecycle: Option<crate::wallet::Lifecycle>,
     pub wallet_public_key: Option<[u8; 33]>,
+    /// The wallet's bundle membership (backup linking).
+    pub wallet_bundle: Option<BundleView>,
+    /// Tries left of the owner access code, once one is set.
+    pub access_code_tries: Option<u8>,
     pub attest_counter: u32,
     pub apdus: u64,
+}
+
+/// A read-only view of a wallet's bundle membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleView {
+    pub role: crate::wallet::Role,
+    pub bundle_id: [u8; 16],
+    /// A primary's link nonce.
+    pub nonce: Option<[u8; 32]>,
+    /// A backup's primary.
+    pub primary: Option<CardId>,
+    /// A primary's announced number of backups.
+    pub announced: u8,
+    /// A primary's recorded backups and whether each confirmed.
+    pub backups: Vec<(CardId, bool)>,
 }
 
 /// One emulated card.
@@ -298,6 +323,8 @@ impl EmuCard {
         let sw1 = resp.sw.sw1();
         // A refused EXTERNAL AUTHENTICATE still counts against the card:
         // the failure counter write is the one persistent effect of an error.
+        // (A wrong access code answers 63Cx, a warning, not an error: its
+        // try counter commits with the answer.)
         let keep = matches!(sw1, 0x90 | 0x61 | 0x62 | 0x63);
         if keep || work.auth_failures != self.mem.auth_failures {
             self.mem = work;
@@ -307,8 +334,10 @@ impl EmuCard {
 
     fn select(&mut self, cmd: &Command) -> Handled {
         // Selecting any application ends the card manager's secure channel
-        // session (GP §10.2: the session is bound to the selected SD).
+        // session (GP §10.2: the session is bound to the selected SD), and
+        // any chained command in progress.
         self.ram.close_channel();
+        self.ram.chain = None;
         if cmd.data.is_empty() || cmd.data.as_slice() == crate::gp::ISD_AID {
             self.ram.selected = Selected::CardManager;
             return card_manager::select_response(&self.chip, &self.mem);
@@ -360,6 +389,25 @@ impl EmuCard {
                     .and_then(|k| SigningKey::from_slice(&k[..]).ok())
                     .map(|k| crate::wallet::public_key_bytes(k.verifying_key()))
             }),
+            wallet_bundle: self.mem.wallet.as_ref().and_then(|w| w.bundle.as_ref()).map(|b| match &b.link {
+                Link::Primary { nonce, announced, backups } => BundleView {
+                    role: crate::wallet::Role::Primary,
+                    bundle_id: b.id,
+                    nonce: Some(*nonce),
+                    primary: None,
+                    announced: *announced,
+                    backups: backups.iter().map(|l| (l.card_id, l.confirmed)).collect(),
+                },
+                Link::Backup { primary, .. } => BundleView {
+                    role: crate::wallet::Role::Backup,
+                    bundle_id: b.id,
+                    nonce: None,
+                    primary: Some(*primary),
+                    announced: 0,
+                    backups: Vec::new(),
+                },
+            }),
+            access_code_tries: self.mem.wallet.as_ref().and_then(|w| w.access_code.as_ref()).map(|a| a.tries_left),
             attest_counter: self.mem.attest_counter,
             apdus: self.apdus,
         }

@@ -66,6 +66,14 @@ impl EmuSlot {
         card
     }
 
+    /// Reads the card in the slot (or the one that left on its own)
+    /// without taking it out: no power cycle, connected transports stay
+    /// valid. For tests that watch a card's state between APDUs.
+    pub fn inspect<R>(&self, f: impl FnOnce(&EmuCard) -> R) -> Option<R> {
+        let g = self.lock();
+        g.card.as_ref().or(g.pulled.as_ref()).map(f)
+    }
+
     pub fn is_occupied(&self) -> bool {
         self.lock().card.is_some()
     }

@@ -133,6 +133,27 @@ impl Certificate {
     /// Verifies the certificate against the pinned CA keys at time `now`
     /// and returns the card's verifying key and the CA that signed it.
     pub fn verify(&self, pinned: &[VerifyingKey], now: u64) -> Result<(VerifyingKey, usize), CertError> {
+        let index = self.check_issuer_and_signature(pinned)?;
+        if now < self.not_before {
+            return Err(CertError::NotYetValid { not_before: self.not_before, now });
+        }
+        if now > self.not_after {
+            return Err(CertError::Expired { not_after: self.not_after, now });
+        }
+        let key = VerifyingKey::from_sec1_bytes(&self.public_key).map_err(|_| CertError::BadPublicKey)?;
+        Ok((key, index))
+    }
+
+    /// Like [`Certificate::verify`] without the validity period: version,
+    /// issuer, CA signature and key. For cards checking each other's
+    /// certificates during backup linking: a card has no clock.
+    pub fn verify_untimed(&self, pinned: &[VerifyingKey]) -> Result<(VerifyingKey, usize), CertError> {
+        let index = self.check_issuer_and_signature(pinned)?;
+        let key = VerifyingKey::from_sec1_bytes(&self.public_key).map_err(|_| CertError::BadPublicKey)?;
+        Ok((key, index))
+    }
+
+    fn check_issuer_and_signature(&self, pinned: &[VerifyingKey]) -> Result<usize, CertError> {
         if self.version != CERT_VERSION {
             return Err(CertError::Version(self.version));
         }
@@ -144,14 +165,7 @@ impl Certificate {
         if !verify_digest(ca, &self.tbs_digest(), &self.signature) {
             return Err(CertError::BadSignature);
         }
-        if now < self.not_before {
-            return Err(CertError::NotYetValid { not_before: self.not_before, now });
-        }
-        if now > self.not_after {
-            return Err(CertError::Expired { not_after: self.not_after, now });
-        }
-        let key = VerifyingKey::from_sec1_bytes(&self.public_key).map_err(|_| CertError::BadPublicKey)?;
-        Ok((key, index))
+        Ok(index)
     }
 }
 
@@ -183,9 +197,13 @@ mod tests {
         assert!(matches!(cert.verify(&[*key(3).verifying_key()], 150), Err(CertError::UnknownIssuer(_))));
         assert!(matches!(cert.verify(&pinned, 50), Err(CertError::NotYetValid { .. })));
         assert!(matches!(cert.verify(&pinned, 250), Err(CertError::Expired { .. })));
+        // Cards have no clock: the untimed check ignores validity only.
+        assert!(cert.verify_untimed(&pinned).is_ok());
+        assert!(matches!(cert.verify_untimed(&[*key(3).verifying_key()]), Err(CertError::UnknownIssuer(_))));
         let mut forged = cert.clone();
         forged.subject = CardId([6; 10]);
         assert_eq!(forged.verify(&pinned, 150), Err(CertError::BadSignature));
+        assert_eq!(forged.verify_untimed(&pinned), Err(CertError::BadSignature));
     }
 
     #[test]

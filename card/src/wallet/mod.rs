@@ -2,10 +2,13 @@
 //! instructions, tags, lifecycle, the identity certificate and the signed
 //! messages, shared by the host client and the emulated applet so that both
 //! sides build exactly the same bytes. Signing and verification live here;
-//! transport lives in `client`.
+//! transport lives in `client`; backup linking in `bundle`.
 
+pub mod bundle;
 pub mod cert;
 pub mod client;
+
+pub use bundle::{ImportConfirmation, LinkAttestation, Role, TransferBlob, WalletProof};
 
 use k256::ecdsa::signature::hazmat::{PrehashSigner, PrehashVerifier};
 use k256::ecdsa::{Signature, SigningKey, VerifyingKey};
@@ -22,20 +25,41 @@ pub const APPLET_AID: [u8; 9] = [0xF0, 0x54, 0x41, 0x50, 0x4C, 0x49, 0x4E, 0x45,
 pub const PROTOCOL_VERSION: u8 = 1;
 /// Class byte of every proprietary wallet command.
 pub const CLA: u8 = 0x80;
+/// The class byte of every part but the last of a chained command (ISO
+/// 7816-4 command chaining: CLA bit 0x10). ADD BACKUP needs it: its data
+/// does not fit one short APDU.
+pub const CLA_CHAINING: u8 = CLA | 0x10;
 
-/// Instruction bytes. 0x24..=0x2F are reserved for backup linking (next to
-/// the wallet key commands; clear of GlobalPlatform's 0x50 INITIALIZE
-/// UPDATE and of ISO's invalid 6X/9X).
+/// Instruction bytes. 0x24..=0x2F belong to backup linking (next to the
+/// wallet key commands; clear of GlobalPlatform's 0x50 INITIALIZE UPDATE
+/// and of ISO's invalid 6X/9X); 0x2E and 0x2F are still reserved.
 pub mod ins {
     pub const GET_IDENTITY: u8 = 0x10;
     pub const ATTEST: u8 = 0x12;
     pub const GENERATE_WALLET_KEY: u8 = 0x20;
     pub const GET_WALLET_KEY: u8 = 0x22;
+    pub const LINK_PRIMARY: u8 = 0x24;
+    pub const LINK_BACKUP: u8 = 0x25;
+    pub const ADD_BACKUP: u8 = 0x26;
+    pub const EXPORT: u8 = 0x27;
+    pub const IMPORT: u8 = 0x28;
+    pub const CONFIRM_BACKUP: u8 = 0x29;
+    pub const PROVE_WALLET: u8 = 0x2A;
+    pub const FINALIZE: u8 = 0x2B;
+    pub const ABORT_BUNDLE: u8 = 0x2C;
+    pub const SET_ACCESS_CODE: u8 = 0x2D;
     pub const SIGN: u8 = 0x30;
     pub const SELF_TEST: u8 = 0x40;
+    /// ISO 7816-4 VERIFY (CLA 00, P2 = `ACCESS_CODE_REFERENCE`): the owner
+    /// access code. Same INS byte as GENERATE WALLET KEY, other class.
+    pub const VERIFY: u8 = 0x20;
     /// ISO 7816-4 GET CHALLENGE (CLA 00).
     pub const GET_CHALLENGE: u8 = 0x84;
 }
+
+/// P2 of VERIFY: the access code is a specific (application) reference
+/// data object, number 1 (ISO 7816-4 §7.5.1: bit 8 set = specific).
+pub const ACCESS_CODE_REFERENCE: u8 = 0x81;
 
 /// SELF TEST P1 values.
 pub mod self_test {
@@ -65,19 +89,32 @@ pub mod tag {
     pub const DIGEST: u32 = 0x87;
     pub const SIGNATURE: u32 = 0x9E;
     pub const CERTIFICATE: u32 = 0x7F21;
+    // Backup linking.
+    pub const ROLE: u32 = 0x88;
+    pub const BUNDLE_ID: u32 = 0x89;
+    pub const HAS_WALLET_KEY: u32 = 0x8A;
+    pub const LINK_NONCE: u32 = 0x8B;
+    /// Transfer blob: the sending card (the primary).
+    pub const FROM: u32 = 0x8C;
+    /// Transfer blob: the receiving card (a backup).
+    pub const TO: u32 = 0x8D;
+    pub const EPHEMERAL_KEY: u32 = 0x8E;
+    pub const GCM_NONCE: u32 = 0x8F;
+    pub const CIPHERTEXT: u32 = 0x90;
 }
 
-/// Applet lifecycle, enforced by the card. Values are bit-cumulative so a
-/// later state includes the earlier ones.
+/// Applet lifecycle, enforced by the card. The values are codes to compare
+/// for equality, not bit sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Lifecycle {
     /// Installed, no wallet key.
     Installed = 0x01,
     /// Holds a wallet key (generated on card, or imported from a primary).
     Keyed = 0x03,
-    /// Linked into a bundle, transfer in progress.
+    /// Linked into a bundle (as primary or backup), transfer in progress.
     Linked = 0x07,
-    /// Bundle sealed: no more export or link.
+    /// Bundle sealed: no more link, export, import or abort; SIGN needs the
+    /// owner's access code.
     Sealed = 0x0F,
 }
 
@@ -110,6 +147,15 @@ pub mod domain {
     pub const WALLET_KEY: &[u8] = b"TAPLINE/wallet-key/v1";
     pub const SELF_TEST: &[u8] = b"TAPLINE/self-test/v1";
     pub const MEMORY_PATTERN: &[u8] = b"TAPLINE/memory-pattern/v1";
+    pub const LINK: &[u8] = b"TAPLINE/link/v1";
+    /// Signed by the primary over a transfer blob; also the HKDF info prefix.
+    pub const TRANSFER: &[u8] = b"TAPLINE/transfer/v1";
+    pub const CONFIRM: &[u8] = b"TAPLINE/confirm/v1";
+    /// Signed by the wallet key (PROVE WALLET).
+    pub const WALLET_PROOF: &[u8] = b"TAPLINE/wallet-proof/v1";
+    pub const SEALED: &[u8] = b"TAPLINE/sealed/v1";
+    /// The card's salted hash of the owner access code (never signed).
+    pub const ACCESS_CODE: &[u8] = b"TAPLINE/access-code/v1";
 }
 
 /// SHA-256 over a domain label and length-prefixed parts (u16 big-endian

@@ -39,9 +39,14 @@ pub struct CardExport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct BundleExport {
     pub bundle_id: String,
+    /// "forming", "sealed" or "aborted".
     pub status: String,
     pub size: i64,
+    pub primary: Option<String>,
+    pub backups: Vec<String>,
     pub wallet_pubkey: Option<String>,
+    pub batch_id: Option<i64>,
+    pub reason: Option<String>,
     pub created_at: String,
     pub sealed_at: Option<String>,
 }
@@ -116,23 +121,44 @@ pub fn export(path: &Path) -> Result<Export, LedgerError> {
         .map_err(sql)?;
     let mut stmt = conn
         .prepare(
-            "SELECT bundle_id, status, size, wallet_pubkey, created_at, sealed_at FROM bundles ORDER BY created_at",
+            "SELECT bundle_id, status, size, wallet_pubkey, batch_id, reason, created_at, sealed_at
+             FROM bundles ORDER BY created_at, bundle_id",
         )
         .map_err(sql)?;
-    let bundles = stmt
+    let mut bundles = stmt
         .query_map([], |r| {
             Ok(BundleExport {
                 bundle_id: r.get(0)?,
                 status: r.get(1)?,
                 size: r.get(2)?,
+                primary: None,
+                backups: Vec::new(),
                 wallet_pubkey: r.get(3)?,
-                created_at: r.get(4)?,
-                sealed_at: r.get(5)?,
+                batch_id: r.get(4)?,
+                reason: r.get(5)?,
+                created_at: r.get(6)?,
+                sealed_at: r.get(7)?,
             })
         })
         .map_err(sql)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(sql)?;
+    let mut stmt =
+        conn.prepare("SELECT card_id, role FROM bundle_members WHERE bundle_id = ?1 ORDER BY position").map_err(sql)?;
+    for b in &mut bundles {
+        let members = stmt
+            .query_map([&b.bundle_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(sql)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql)?;
+        for (card, role) in members {
+            if role == "primary" {
+                b.primary = Some(card);
+            } else {
+                b.backups.push(card);
+            }
+        }
+    }
     Ok(Export { cards, bundles })
 }
 

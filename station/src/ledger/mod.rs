@@ -116,6 +116,10 @@ enum Op {
     Step { card: CardId, attempt: u32, step: &'static str, event: StepEvent, detail: String, reader: String },
     StepDone { card: CardId, attempt: u32, step: &'static str, detail: String, update: CardUpdate },
     Pass { card: CardId, attempt: u32, stage: &'static str },
+    Ready { card: CardId, attempt: u32 },
+    BundleStart { bundle: String, batch: i64, members: Vec<(CardId, &'static str)> },
+    BundleSealed { bundle: String, wallet_pubkey: String },
+    BundleAborted { bundle: String, reason: String },
     Fail { card: CardId, attempt: u32, step: &'static str, reason: String, detail: String, retryable: bool },
 }
 
@@ -123,6 +127,7 @@ enum Reply {
     Unit,
     Id(i64),
     Prior(Option<PriorRecord>),
+    Serials(Vec<(CardId, i64)>),
 }
 
 struct Request {
@@ -273,6 +278,38 @@ impl Ledger {
         }
     }
 
+    /// Records that the card passed its own recipe and waits for pairing
+    /// (it stays in progress until it is bundled or released).
+    pub fn ready(&self, card: CardId, attempt: u32) -> Result<(), LedgerError> {
+        self.call(Op::Ready { card, attempt }).map(|_| ())
+    }
+
+    /// Records a bundle being formed from ready cards; `members` in
+    /// position order with their roles ("primary" or "backup").
+    pub fn bundle_start(
+        &self,
+        bundle: &str,
+        batch: i64,
+        members: Vec<(CardId, &'static str)>,
+    ) -> Result<(), LedgerError> {
+        self.call(Op::BundleStart { bundle: bundle.to_string(), batch, members }).map(|_| ())
+    }
+
+    /// Records a bundle sealed and verified: in one transaction every
+    /// member passes (with its serial), joins the bundle with its role and
+    /// the wallet public key. Refused unless every member is still in
+    /// progress and in no other sealed bundle.
+    pub fn bundle_sealed(&self, bundle: &str, wallet_pubkey: &str) -> Result<Vec<(CardId, i64)>, LedgerError> {
+        match self.call(Op::BundleSealed { bundle: bundle.to_string(), wallet_pubkey: wallet_pubkey.to_string() })? {
+            Reply::Serials(v) => Ok(v),
+            _ => Err(LedgerError::WriterGone),
+        }
+    }
+
+    pub fn bundle_aborted(&self, bundle: &str, reason: &str) -> Result<(), LedgerError> {
+        self.call(Op::BundleAborted { bundle: bundle.to_string(), reason: reason.to_string() }).map(|_| ())
+    }
+
     pub fn fail(
         &self,
         card: CardId,
@@ -339,7 +376,21 @@ fn writer(mut conn: Connection, rx: Receiver<Request>, path: PathBuf) {
     }
 }
 
-fn apply(tx: &Connection, op: &Op, ts: &str) -> rusqlite::Result<Reply> {
+/// Why one request was not applied.
+#[derive(Debug, thiserror::Error)]
+enum ApplyError {
+    #[error(transparent)]
+    Sql(#[from] rusqlite::Error),
+    /// Refused on the ledger's own rules (the SQL ran fine).
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn refused(detail: String) -> ApplyError {
+    ApplyError::Refused(detail)
+}
+
+fn apply(tx: &Connection, op: &Op, ts: &str) -> Result<Reply, ApplyError> {
     match op {
         Op::StartBatch(b) => {
             tx.execute(
@@ -437,7 +488,7 @@ fn apply(tx: &Connection, op: &Op, ts: &str) -> rusqlite::Result<Reply> {
             let id = card.to_hex();
             let status: String = tx.query_row("SELECT status FROM cards WHERE card_id = ?1", [&id], |r| r.get(0))?;
             if status != "in_progress" {
-                return Err(rusqlite::Error::InvalidParameterName(format!("card {id} is {status}, not in progress")));
+                return Err(refused(format!("card {id} is {status}, not in progress")));
             }
             let serial: i64 = tx.query_row("SELECT COALESCE(MAX(serial), 0) + 1 FROM cards", [], |r| r.get(0))?;
             tx.execute(
@@ -449,6 +500,91 @@ fn apply(tx: &Connection, op: &Op, ts: &str) -> rusqlite::Result<Reply> {
                 params![id, attempt, format!("serial {serial}"), ts],
             )?;
             Ok(Reply::Id(serial))
+        }
+        Op::Ready { card, attempt } => {
+            let id = card.to_hex();
+            let n = tx.execute(
+                "UPDATE cards SET stage = 'ready_for_pairing', current_step = NULL, updated_at = ?2
+                 WHERE card_id = ?1 AND status = 'in_progress'",
+                params![id, ts],
+            )?;
+            if n != 1 {
+                return Err(refused(format!("card {id} is not in progress")));
+            }
+            tx.execute(
+                "INSERT INTO steps (card_id, attempt, step, event, detail, at) VALUES (?1, ?2, 'record', 'done', 'ready for pairing', ?3)",
+                params![id, attempt, ts],
+            )?;
+            Ok(Reply::Unit)
+        }
+        Op::BundleStart { bundle, batch, members } => {
+            tx.execute(
+                "INSERT INTO bundles (bundle_id, status, size, created_at, batch_id) VALUES (?1, 'forming', ?2, ?3, ?4)",
+                params![bundle, members.len() as i64, ts, batch],
+            )?;
+            for (position, (card, role)) in members.iter().enumerate() {
+                let id = card.to_hex();
+                let ok: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM cards WHERE card_id = ?1 AND status = 'in_progress' AND stage = 'ready_for_pairing'",
+                    [&id],
+                    |r| r.get(0),
+                )?;
+                if ok != 1 {
+                    return Err(refused(format!("card {id} is not ready for pairing")));
+                }
+                tx.execute(
+                    "INSERT INTO bundle_members (bundle_id, card_id, role, position) VALUES (?1, ?2, ?3, ?4)",
+                    params![bundle, id, role, position as i64],
+                )?;
+            }
+            Ok(Reply::Unit)
+        }
+        Op::BundleSealed { bundle, wallet_pubkey } => {
+            let status: String =
+                tx.query_row("SELECT status FROM bundles WHERE bundle_id = ?1", [bundle], |r| r.get(0))?;
+            if status != "forming" {
+                return Err(refused(format!("bundle {bundle} is {status}, not forming")));
+            }
+            let members: Vec<(String, String)> = tx
+                .prepare("SELECT card_id, role FROM bundle_members WHERE bundle_id = ?1 ORDER BY position")?
+                .query_map([bundle], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut serials = Vec::with_capacity(members.len());
+            for (id, role) in &members {
+                let serial: i64 = tx.query_row("SELECT COALESCE(MAX(serial), 0) + 1 FROM cards", [], |r| r.get(0))?;
+                let n = tx.execute(
+                    "UPDATE cards SET status = 'passed', stage = 'bundled', serial = ?2, bundle_id = ?3, role = ?4,
+                     wallet_pubkey = ?5, current_step = NULL, updated_at = ?6
+                     WHERE card_id = ?1 AND status = 'in_progress'",
+                    params![id, serial, bundle, role, wallet_pubkey, ts],
+                )?;
+                if n != 1 {
+                    return Err(refused(format!("member {id} of bundle {bundle} is not in progress")));
+                }
+                tx.execute(
+                    "UPDATE bundle_members SET sealed = 1 WHERE bundle_id = ?1 AND card_id = ?2",
+                    params![bundle, id],
+                )?;
+                tx.execute(
+                    "INSERT INTO steps (card_id, attempt, step, event, detail, at)
+                     SELECT card_id, attempts, 'record', 'done', ?2, ?3 FROM cards WHERE card_id = ?1",
+                    params![id, format!("serial {serial}, {role} of bundle {bundle}"), ts],
+                )?;
+                let card = id.parse::<CardId>().map_err(|e| refused(e.to_string()))?;
+                serials.push((card, serial));
+            }
+            tx.execute(
+                "UPDATE bundles SET status = 'sealed', wallet_pubkey = ?2, sealed_at = ?3 WHERE bundle_id = ?1",
+                params![bundle, wallet_pubkey, ts],
+            )?;
+            Ok(Reply::Serials(serials))
+        }
+        Op::BundleAborted { bundle, reason } => {
+            tx.execute(
+                "UPDATE bundles SET status = 'aborted', reason = ?2 WHERE bundle_id = ?1 AND status = 'forming'",
+                params![bundle, reason],
+            )?;
+            Ok(Reply::Unit)
         }
         Op::Fail { card, attempt, step, reason, detail, retryable } => {
             let id = card.to_hex();

@@ -65,6 +65,21 @@ const MIGRATIONS: &[&str] = &[
         sealed_at TEXT
     );
     ",
+    // 2: bundle membership. A card may appear in several bundle attempts
+    // (aborted ones), but in at most one sealed bundle.
+    r"
+    ALTER TABLE bundles ADD COLUMN batch_id INTEGER REFERENCES batches(id);
+    ALTER TABLE bundles ADD COLUMN reason TEXT;
+    CREATE TABLE bundle_members (
+        bundle_id TEXT NOT NULL REFERENCES bundles(bundle_id),
+        card_id TEXT NOT NULL REFERENCES cards(card_id),
+        role TEXT NOT NULL CHECK (role IN ('primary', 'backup')),
+        position INTEGER NOT NULL,
+        sealed INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (bundle_id, card_id)
+    );
+    CREATE UNIQUE INDEX one_sealed_bundle_per_card ON bundle_members(card_id) WHERE sealed = 1;
+    ",
 ];
 
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();

@@ -1,0 +1,615 @@
+//! Bundles: the coordinator that pairs ready cards into one primary plus N
+//! backups holding the same wallet key, by card-to-card transfer that the
+//! host only relays. Cards stay on their readers; each reader's worker
+//! thread keeps owning its transport and runs the coordinator's card calls
+//! for it (`Lane`), so cards of one bundle on different readers are paired
+//! without re-taps. Nothing here sees a wallet secret: blobs are opaque
+//! ciphertext signed by the primary, and every claim a card makes is checked
+//! with k256 against keys from verified certificates.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use card::transport::{ReaderId, Transport};
+use card::wallet::bundle::{self, Role};
+use card::wallet::client::WalletClient;
+use card::wallet::{self, Lifecycle, TransferBlob, WalletKeyProof};
+use card::{CardError, CardId};
+use crossbeam_channel::{Receiver, Sender};
+use sha2::{Digest, Sha256};
+
+use crate::ledger::{Ledger, StepEvent};
+use crate::profile::{Bundles, Unpaired};
+use crate::recipe::{Failure, Passed, ReadyCard, Step};
+use crate::worker::Event;
+
+/// Work for a waiting card's worker: runs on its transport.
+pub type Job = Box<dyn FnOnce(&mut dyn Transport) + Send>;
+
+/// What the coordinator sends a waiting card's worker.
+pub enum LaneMsg {
+    Job(Job),
+    /// Pairing is over for this card: its final result.
+    Verdict(Result<Passed, Failure>),
+}
+
+/// The worker of a waiting card has gone (its thread ended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the reader's worker has stopped")]
+pub struct LaneGone;
+
+/// The coordinator's handle on the reader of a waiting card.
+pub struct Lane {
+    pub reader: ReaderId,
+    tx: Sender<LaneMsg>,
+}
+
+impl Lane {
+    pub fn new(reader: ReaderId, tx: Sender<LaneMsg>) -> Self {
+        Self { reader, tx }
+    }
+
+    /// Runs `f` on the card's transport, on its worker thread, and waits.
+    pub fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Transport) -> R + Send + 'static,
+    ) -> Result<R, LaneGone> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let job: Job = Box::new(move |t| {
+            let _ = tx.send(f(t));
+        });
+        self.tx.send(LaneMsg::Job(job)).map_err(|_| LaneGone)?;
+        rx.recv().map_err(|_| LaneGone)
+    }
+
+    fn finish(&self, verdict: Result<Passed, Failure>) {
+        let _ = self.tx.send(LaneMsg::Verdict(verdict));
+    }
+}
+
+/// A ready card waiting for partners.
+pub struct Waiting {
+    pub card: ReadyCard,
+    pub lane: Lane,
+    pub since: Instant,
+}
+
+enum Msg {
+    Offer(Waiting),
+    /// No more cards will come; `offers` cards were offered in all (some of
+    /// those offers may still be on their way).
+    NoMoreCards {
+        offers: usize,
+    },
+    Stop,
+    Finished(Vec<Waiting>),
+}
+
+/// The handle workers and the batch use to talk to the coordinator.
+#[derive(Clone)]
+pub struct Coordinator {
+    tx: Sender<Msg>,
+}
+
+impl Coordinator {
+    /// Hands a ready card to the coordinator; its worker then serves `rx`.
+    pub fn offer(&self, w: Waiting) -> Result<(), LaneGone> {
+        self.tx.send(Msg::Offer(w)).map_err(|_| LaneGone)
+    }
+
+    /// No more cards will come after the `offers` offered in all: release
+    /// what cannot form a bundle once those have arrived.
+    pub fn no_more_cards(&self, offers: usize) {
+        let _ = self.tx.send(Msg::NoMoreCards { offers });
+    }
+
+    /// Release every waiting card and stop.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop);
+    }
+}
+
+/// What the coordinator needs, fixed for a batch.
+pub struct Setup {
+    pub bundles: Bundles,
+    pub ledger: Ledger,
+    pub batch_id: i64,
+    pub events: Sender<Event>,
+    /// Where printable bundle labels go (one file per sealed bundle).
+    pub labels: Option<PathBuf>,
+}
+
+/// Starts the coordinator thread.
+pub fn start(setup: Setup) -> std::io::Result<(Coordinator, JoinHandle<()>)> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let handle = Coordinator { tx: tx.clone() };
+    let setup = Arc::new(setup);
+    let join = std::thread::Builder::new().name("bundle-coordinator".into()).spawn(move || run(setup, rx, tx))?;
+    Ok((handle, join))
+}
+
+/// How often the coordinator looks for cards that waited too long.
+const TICK: Duration = Duration::from_millis(250);
+
+fn run(setup: Arc<Setup>, rx: Receiver<Msg>, tx: Sender<Msg>) {
+    let size = setup.bundles.size();
+    let mut pool: VecDeque<Waiting> = VecDeque::new();
+    let mut in_flight = 0usize;
+    let mut received = 0usize;
+    let mut no_more: Option<usize> = None;
+    let mut stopping = false;
+    let mut bundle_threads: Vec<JoinHandle<()>> = Vec::new();
+    loop {
+        match rx.recv_timeout(TICK) {
+            Ok(Msg::Offer(w)) => {
+                received += 1;
+                pool.push_back(w);
+            }
+            Ok(Msg::NoMoreCards { offers }) => no_more = Some(offers),
+            Ok(Msg::Stop) => stopping = true,
+            Ok(Msg::Finished(returned)) => {
+                in_flight -= 1;
+                // Cards reset after an aborted bundle go back to the front:
+                // they have waited longest.
+                for w in returned.into_iter().rev() {
+                    pool.push_front(w);
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        }
+        while !stopping && pool.len() >= size {
+            let members: Vec<Waiting> = pool.drain(..size).collect();
+            in_flight += 1;
+            let (setup, tx) = (Arc::clone(&setup), tx.clone());
+            match std::thread::Builder::new().name("bundle".into()).spawn(move || {
+                let returned = form_bundle(&setup, members);
+                let _ = tx.send(Msg::Finished(returned));
+            }) {
+                Ok(h) => bundle_threads.push(h),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a bundle thread");
+                    in_flight -= 1;
+                    break;
+                }
+            }
+        }
+        // Cards that waited too long, or that can never find partners.
+        let all_here = no_more.is_some_and(|n| received >= n);
+        let hopeless = stopping || (all_here && in_flight == 0 && pool.len() < size);
+        let mut keep = VecDeque::with_capacity(pool.len());
+        for w in pool.drain(..) {
+            if hopeless || w.since.elapsed() > setup.bundles.max_wait {
+                release(&setup, w);
+            } else {
+                keep.push_back(w);
+            }
+        }
+        pool = keep;
+        if stopping && in_flight == 0 {
+            break;
+        }
+    }
+    for w in pool {
+        release(&setup, w);
+    }
+    for h in bundle_threads {
+        let _ = h.join();
+    }
+}
+
+/// A ready card found no partners: recorded per the profile.
+fn release(setup: &Setup, w: Waiting) {
+    let c = &w.card;
+    let verdict = match setup.bundles.unpaired {
+        Unpaired::Pass => match setup.ledger.pass(c.card_id, c.attempt, "unpaired") {
+            Ok(serial) => Ok(Passed { serial: Some(serial), stage: "unpaired".into(), bundle: None, role: None }),
+            Err(e) => Err(Failure {
+                step: Step::Pairing,
+                reason: "ledger refused".into(),
+                detail: e.to_string(),
+                retryable: true,
+            }),
+        },
+        Unpaired::Fail => {
+            let f = Failure {
+                step: Step::Pairing,
+                reason: "no partners".into(),
+                detail: "released without a bundle at the end of the batch or after waiting too long".into(),
+                retryable: true,
+            };
+            let _ = setup.ledger.fail(c.card_id, c.attempt, Step::Pairing.name(), &f.reason, &f.detail, true);
+            Err(f)
+        }
+    };
+    w.lane.finish(verdict);
+}
+
+/// A failed pairing: which member is to blame (if any) and why.
+struct PairError {
+    culprit: Option<usize>,
+    failure: Failure,
+}
+
+fn card_error(who: usize, what: &str, e: &CardError) -> PairError {
+    let base = Failure::from_card_error(Step::Pairing, e);
+    PairError { culprit: Some(who), failure: Failure { reason: format!("{what}: {}", base.reason), ..base } }
+}
+
+fn lying(who: usize, reason: &str, detail: String) -> PairError {
+    PairError {
+        culprit: Some(who),
+        failure: Failure { step: Step::Pairing, reason: reason.to_string(), detail, retryable: false },
+    }
+}
+
+/// Calls `f` on member `who` as the wallet client; maps every error to
+/// that member.
+fn on<R: Send + 'static>(
+    members: &[Waiting],
+    who: usize,
+    what: &'static str,
+    f: impl FnOnce(&mut WalletClient<'_>) -> Result<R, CardError> + Send + 'static,
+) -> Result<R, PairError> {
+    match members[who].lane.call(move |t| f(&mut WalletClient::new(t))) {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(card_error(who, what, &e)),
+        Err(LaneGone) => Err(PairError {
+            culprit: Some(who),
+            failure: Failure {
+                step: Step::Pairing,
+                reason: format!("{what}: reader stopped"),
+                detail: "the reader's worker ended during pairing".into(),
+                retryable: true,
+            },
+        }),
+    }
+}
+
+fn role_name(i: usize) -> &'static str {
+    if i == 0 { "primary" } else { "backup" }
+}
+
+/// Journals one pairing phase for every member.
+fn journal(
+    setup: &Setup,
+    members: &[Waiting],
+    phase: &'static str,
+    event: StepEvent,
+    detail: &str,
+) -> Result<(), PairError> {
+    for w in members {
+        setup.ledger.step(w.card.card_id, w.card.attempt, phase, event, detail, w.lane.reader.as_str()).map_err(
+            |e| PairError {
+                culprit: None,
+                failure: Failure {
+                    step: Step::Pairing,
+                    reason: "ledger refused".into(),
+                    detail: e.to_string(),
+                    retryable: true,
+                },
+            },
+        )?;
+    }
+    Ok(())
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).expect("the operating system's random number generator failed");
+    b
+}
+
+/// Forms, verifies and records one bundle; returns the members that go
+/// back to the pool (reset after an abort).
+fn form_bundle(setup: &Setup, members: Vec<Waiting>) -> Vec<Waiting> {
+    let bundle_id: [u8; 16] = random();
+    let id = hex::encode_upper(bundle_id);
+    let roles: Vec<(CardId, &'static str)> =
+        members.iter().enumerate().map(|(i, w)| (w.card.card_id, role_name(i))).collect();
+    if let Err(e) = setup.ledger.bundle_start(&id, setup.batch_id, roles) {
+        // Nothing touched the cards yet; they go back to the pool.
+        tracing::error!(bundle = %id, error = %e, "ledger refused a new bundle");
+        let _ = setup.events.send(Event::Fatal { reader: members[0].lane.reader.clone(), error: e.to_string() });
+        return members;
+    }
+    let _ =
+        setup.events.send(Event::Bundle { bundle: id.clone(), status: BundleStatus::Forming, members: ids(&members) });
+    match pair(setup, &members, &bundle_id) {
+        Ok(wallet_key) => seal_record(setup, &id, members, &wallet_key),
+        Err(e) => abort(setup, &id, members, e),
+    }
+}
+
+fn ids(members: &[Waiting]) -> Vec<CardId> {
+    members.iter().map(|w| w.card.card_id).collect()
+}
+
+/// The status of a bundle, as events report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleStatus {
+    Forming,
+    Sealed,
+    Aborted,
+}
+
+/// The card-to-card protocol, relayed: returns the bundle's wallet public
+/// key once every member is sealed and verified.
+fn pair(setup: &Setup, members: &[Waiting], bundle_id: &[u8; 16]) -> Result<[u8; 33], PairError> {
+    let n = members.len();
+    let backups = (n - 1) as u8;
+    let label = hex::encode_upper(bundle_id);
+
+    // Every member starts clean: a card left linked by an interrupted
+    // bundle is reset for rework first.
+    journal(setup, members, "pair_link", StepEvent::Intent, &format!("bundle {label}"))?;
+    for i in 0..n {
+        let info = on(members, i, "select", |w| w.select())?;
+        if info.lifecycle == Lifecycle::Sealed {
+            return Err(lying(i, "already sealed", "the card is sealed in a bundle the ledger does not hold".into()));
+        }
+        if info.lifecycle != Lifecycle::Installed || info.has_wallet_key || info.role.is_some() {
+            on(members, i, "reset for rework", |w| w.abort_bundle())?;
+            let again = on(members, i, "select", |w| w.select())?;
+            if again.lifecycle != Lifecycle::Installed || again.has_wallet_key {
+                return Err(lying(i, "reset for rework failed", format!("card reports {again:?} after ABORT")));
+            }
+        }
+    }
+
+    // The primary makes the wallet key and proves it was born there.
+    let primary = &members[0].card;
+    let proof: WalletKeyProof = on(members, 0, "generate wallet key", |w| w.generate_wallet_key())?;
+    let wallet_key = proof
+        .verify(&primary.card_id, &primary.card_key)
+        .map_err(|e| lying(0, "wallet key proof invalid", e.to_string()))?;
+    let wallet_pub = wallet::public_key_bytes(&wallet_key);
+
+    // Linking: the primary announces the bundle, each backup verifies the
+    // primary and attests itself over the primary's nonce, the primary
+    // verifies each backup (a counterfeit is refused by the primary itself).
+    let bid = *bundle_id;
+    let nonce = on(members, 0, "link primary", move |w| w.link_primary(&bid, backups))?;
+    for i in 1..n {
+        let primary_cert = primary.certificate.clone();
+        let att = on(members, i, "link backup", move |w| w.link_backup(&bid, &primary_cert, &nonce))?;
+        let b = &members[i].card;
+        if att.card_id != b.card_id
+            || !wallet::verify_digest(
+                &b.card_key,
+                &bundle::link_digest(
+                    &bid,
+                    &primary.card_id,
+                    &nonce,
+                    &b.card_id,
+                    &att.firmware_hash,
+                    Lifecycle::Linked as u8,
+                ),
+                &att.signature,
+            )
+        {
+            return Err(lying(i, "link attestation invalid", "signature does not verify with the card key".into()));
+        }
+        let cert = b.certificate.clone();
+        on(members, 0, "add backup", move |w| w.add_backup(&cert, &att))?;
+    }
+    journal(setup, members, "pair_link", StepEvent::Done, &format!("bundle {label}, {backups} backup(s)"))?;
+
+    // Transfer: primary -> each backup, relayed; the backup confirms over
+    // the wallet key with its card key, the primary checks the confirmation.
+    journal(setup, members, "pair_transfer", StepEvent::Intent, "")?;
+    for i in 1..n {
+        let to = members[i].card.card_id;
+        let blob = on(members, 0, "export", move |w| w.export_to(&to))?;
+        let parsed = TransferBlob::parse(&blob).map_err(|e| lying(0, "transfer blob malformed", e.to_string()))?;
+        if parsed.bundle_id != bid
+            || parsed.from != primary.card_id
+            || parsed.to != to
+            || parsed.wallet_key != wallet_pub
+        {
+            return Err(lying(
+                0,
+                "transfer blob misaddressed",
+                "bundle, sender, recipient or wallet key differ".into(),
+            ));
+        }
+        let confirmation = on(members, i, "import", move |w| w.import(&blob))?;
+        let b = &members[i].card;
+        if confirmation.card_id != b.card_id
+            || confirmation.wallet_key != wallet_pub
+            || !wallet::verify_digest(
+                &b.card_key,
+                &bundle::confirm_digest(&bid, &b.card_id, &primary.card_id, &wallet_pub),
+                &confirmation.signature,
+            )
+        {
+            return Err(lying(i, "import confirmation invalid", "wrong key or signature".into()));
+        }
+        on(members, 0, "confirm backup", move |w| w.confirm_backup(&confirmation))?;
+    }
+    journal(setup, members, "pair_transfer", StepEvent::Done, "")?;
+
+    // Host check before sealing: every member proves, by signing a fresh
+    // challenge with the wallet key, that it holds the same key.
+    journal(setup, members, "pair_prove", StepEvent::Intent, "")?;
+    for i in 0..n {
+        let challenge: [u8; 32] = random();
+        let card_id = members[i].card.card_id;
+        let p = on(members, i, "prove wallet", move |w| w.prove_wallet(&challenge))?;
+        if p.wallet_key != wallet_pub
+            || !wallet::verify_digest(
+                &wallet_key,
+                &bundle::wallet_proof_digest(&challenge, &card_id, Some(&bid)),
+                &p.signature,
+            )
+        {
+            return Err(lying(i, "wallet key differs", "the card does not prove the bundle's wallet key".into()));
+        }
+    }
+    journal(setup, members, "pair_prove", StepEvent::Done, "all members hold the wallet key")?;
+
+    // Seal: backups first, the primary last (it checks all confirmed).
+    journal(setup, members, "pair_seal", StepEvent::Intent, "")?;
+    let order: Vec<usize> = (1..n).chain(std::iter::once(0)).collect();
+    for i in order {
+        let sig = on(members, i, "finalize", |w| w.finalize())?;
+        let c = &members[i].card;
+        let role = if i == 0 { Role::Primary } else { Role::Backup };
+        if !wallet::verify_digest(&c.card_key, &bundle::sealed_digest(&bid, &c.card_id, role, &wallet_pub), &sig) {
+            return Err(lying(i, "seal proof invalid", "signature does not verify with the card key".into()));
+        }
+        let info = on(members, i, "select", |w| w.select())?;
+        if info.lifecycle != Lifecycle::Sealed || info.bundle_id != Some(bid) || !info.has_wallet_key {
+            return Err(lying(i, "not sealed after FINALIZE", format!("card reports {info:?}")));
+        }
+    }
+    journal(setup, members, "pair_seal", StepEvent::Done, "")?;
+    Ok(wallet_pub)
+}
+
+fn seal_record(setup: &Setup, id: &str, members: Vec<Waiting>, wallet_pub: &[u8; 33]) -> Vec<Waiting> {
+    let pub_hex = hex::encode_upper(wallet_pub);
+    match setup.ledger.bundle_sealed(id, &pub_hex) {
+        Ok(serials) => {
+            if let Some(dir) = &setup.labels
+                && let Err(e) = write_label(dir, id, &members, &serials, wallet_pub)
+            {
+                tracing::warn!(bundle = %id, error = %e, "cannot write the bundle label");
+            }
+            let _ = setup.events.send(Event::Bundle {
+                bundle: id.to_string(),
+                status: BundleStatus::Sealed,
+                members: ids(&members),
+            });
+            for (i, w) in members.iter().enumerate() {
+                let serial = serials.iter().find(|(c, _)| *c == w.card.card_id).map(|(_, s)| *s);
+                w.lane.finish(Ok(Passed {
+                    serial,
+                    stage: "bundled".into(),
+                    bundle: Some(id.to_string()),
+                    role: Some(role_name(i).to_string()),
+                }));
+            }
+        }
+        Err(e) => {
+            // Sealed on the cards, refused by the ledger: never claim a
+            // bundle the ledger does not hold; the cards fail loudly.
+            tracing::error!(bundle = %id, error = %e, "ledger refused a sealed bundle");
+            let _ = setup.events.send(Event::Fatal { reader: members[0].lane.reader.clone(), error: e.to_string() });
+            for w in &members {
+                w.lane.finish(Err(Failure {
+                    step: Step::Pairing,
+                    reason: "ledger refused the sealed bundle".into(),
+                    detail: e.to_string(),
+                    retryable: false,
+                }));
+            }
+        }
+    }
+    Vec::new()
+}
+
+fn abort(setup: &Setup, id: &str, members: Vec<Waiting>, e: PairError) -> Vec<Waiting> {
+    tracing::info!(bundle = %id, reason = %e.failure.reason, "bundle aborted");
+    let _ = setup.ledger.bundle_aborted(id, &e.failure.to_string());
+    let _ = setup.events.send(Event::Bundle {
+        bundle: id.to_string(),
+        status: BundleStatus::Aborted,
+        members: ids(&members),
+    });
+    let mut back = Vec::new();
+    for (i, w) in members.into_iter().enumerate() {
+        let c = &w.card;
+        let failed = |f: &Failure| {
+            let _ = setup.ledger.fail(c.card_id, c.attempt, Step::Pairing.name(), &f.reason, &f.detail, f.retryable);
+        };
+        if e.culprit == Some(i) {
+            failed(&e.failure);
+            w.lane.finish(Err(e.failure.clone()));
+            continue;
+        }
+        // Reset for rework and verify it; a card that cannot be reset fails.
+        let reset = w.lane.call(|t| {
+            let mut c = WalletClient::new(t);
+            c.abort_bundle()?;
+            c.select()
+        });
+        match reset {
+            Ok(Ok(info)) if info.lifecycle == Lifecycle::Installed && !info.has_wallet_key && info.role.is_none() => {
+                let _ = setup.ledger.step(
+                    c.card_id,
+                    c.attempt,
+                    "pair_abort",
+                    StepEvent::Done,
+                    &format!("bundle {id} aborted ({}); reset for rework", e.failure.reason),
+                    w.lane.reader.as_str(),
+                );
+                back.push(Waiting { since: Instant::now(), ..w });
+            }
+            other => {
+                let f = match other {
+                    Ok(Err(err)) => Failure::from_card_error(Step::Pairing, &err),
+                    Ok(Ok(info)) => Failure {
+                        step: Step::Pairing,
+                        reason: "reset for rework failed".into(),
+                        detail: format!("card reports {info:?} after ABORT"),
+                        retryable: false,
+                    },
+                    Err(LaneGone) => Failure {
+                        step: Step::Pairing,
+                        reason: "reader stopped".into(),
+                        detail: "the reader's worker ended during an abort".into(),
+                        retryable: true,
+                    },
+                };
+                let f = Failure { reason: format!("bundle aborted, {}", f.reason), ..f };
+                failed(&f);
+                w.lane.finish(Err(f));
+            }
+        }
+    }
+    back
+}
+
+/// The wallet fingerprint printed on labels: SHA-256 of the compressed
+/// public key, first 8 bytes in groups of 4 hex digits.
+pub fn fingerprint(wallet_pub: &[u8; 33]) -> String {
+    let h = Sha256::digest(wallet_pub);
+    h[..8].chunks(2).map(hex::encode_upper).collect::<Vec<_>>().join("-")
+}
+
+/// A printable label for one sealed bundle, so the operator can sleeve and
+/// label the cards together.
+fn write_label(
+    dir: &std::path::Path,
+    id: &str,
+    members: &[Waiting],
+    serials: &[(CardId, i64)],
+    wallet_pub: &[u8; 33],
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut s = String::new();
+    s.push_str("TAPLINE WALLET BUNDLE\n");
+    s.push_str(&format!("bundle     {id}\n"));
+    s.push_str(&format!("wallet     {}\n", fingerprint(wallet_pub)));
+    let backups = members.len() - 1;
+    let plural = if backups == 1 { "" } else { "s" };
+    s.push_str(&format!("cards      {} (1 primary + {backups} backup{plural})\n\n", members.len()));
+    s.push_str("order  role     card id               serial  reader\n");
+    for (i, w) in members.iter().enumerate() {
+        let serial =
+            serials.iter().find(|(c, _)| *c == w.card.card_id).map_or(String::from("-"), |(_, s)| s.to_string());
+        s.push_str(&format!(
+            "{:<6} {:<8} {:<21} {:<7} {}\n",
+            i + 1,
+            role_name(i),
+            w.card.card_id.to_hex(),
+            serial,
+            w.lane.reader
+        ));
+    }
+    std::fs::write(dir.join(format!("bundle-{id}.txt")), s)
+}
