@@ -55,6 +55,39 @@ impl Summary {
         if h > 0.0 { self.outcomes.len() as f64 / h } else { 0.0 }
     }
 
+    /// The summary an operator reads at the end of a batch (printed and
+    /// written to the batch's report folder).
+    pub fn render(&self, bundles: bool) -> String {
+        use std::fmt::Write;
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "summary: {} cards in {:.1}s on {} readers",
+            self.outcomes.len(),
+            self.elapsed.as_secs_f64(),
+            self.readers
+        );
+        let _ = writeln!(t, "  passed:           {}", self.passed());
+        let _ = writeln!(t, "  failed:           {}", self.failed());
+        let _ = writeln!(t, "  first-pass yield: {:.1}%", self.first_pass_yield() * 100.0);
+        let _ = writeln!(t, "  throughput:       {:.0} cards/hour", self.cards_per_hour());
+        if bundles {
+            let unpaired =
+                self.outcomes.iter().filter(|o| o.result.as_ref().is_ok_and(|p| p.stage == "unpaired")).count();
+            let _ = writeln!(t, "  bundles sealed:   {}", self.bundles_sealed.len());
+            let _ = writeln!(t, "  bundles aborted:  {}", self.bundles_aborted.len());
+            let _ = writeln!(t, "  passed unpaired:  {unpaired}");
+        }
+        let failures = self.failures();
+        if !failures.is_empty() {
+            let _ = writeln!(t, "  failures by step and reason:");
+            for ((step, reason), n) in failures {
+                let _ = writeln!(t, "    {n:>4}  {step:<13} {reason}");
+            }
+        }
+        t
+    }
+
     /// Failures grouped by (step, reason), most frequent first.
     pub fn failures(&self) -> Vec<((String, String), usize)> {
         let mut m: BTreeMap<(String, String), usize> = BTreeMap::new();

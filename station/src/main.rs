@@ -381,7 +381,7 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     ledger.finish_batch(batch_id)?;
     drop(ledger);
     writer.close();
-    print_summary(&summary, &args.ledger, profile.bundles.as_ref().map(|_| report_dir.as_path()));
+    print_summary(&summary, &args.ledger, &report_dir, profile.bundles.is_some());
     Ok(())
 }
 
@@ -429,26 +429,17 @@ fn print_event(ev: &Event, done: &mut usize, total: usize) {
     }
 }
 
-fn print_summary(s: &Summary, ledger: &Path, report_dir: Option<&Path>) {
+fn print_summary(s: &Summary, ledger: &Path, report_dir: &Path, bundles: bool) {
+    let mut text = s.render(bundles);
+    text.push_str(&format!("  ledger:           {}\n", ledger.display()));
+    if bundles {
+        text.push_str(&format!("  bundle labels:    {}\n", report_dir.join("labels").display()));
+    }
     println!();
-    println!("summary: {} cards in {:.1}s on {} readers", s.outcomes.len(), s.elapsed.as_secs_f64(), s.readers);
-    println!("  passed:           {}", s.passed());
-    println!("  failed:           {}", s.failed());
-    println!("  first-pass yield: {:.1}%", s.first_pass_yield() * 100.0);
-    println!("  throughput:       {:.0} cards/hour", s.cards_per_hour());
-    if let Some(dir) = report_dir {
-        let unpaired = s.outcomes.iter().filter(|o| o.result.as_ref().is_ok_and(|p| p.stage == "unpaired")).count();
-        println!("  bundles sealed:   {}", s.bundles_sealed.len());
-        println!("  bundles aborted:  {}", s.bundles_aborted.len());
-        println!("  passed unpaired:  {unpaired}");
-        println!("  bundle labels:    {}", dir.join("labels").display());
+    print!("{text}");
+    let path = report_dir.join("summary.txt");
+    match std::fs::create_dir_all(report_dir).and_then(|()| std::fs::write(&path, &text)) {
+        Ok(()) => println!("  report:           {}", path.display()),
+        Err(e) => eprintln!("station: cannot write {}: {e}", path.display()),
     }
-    let failures = s.failures();
-    if !failures.is_empty() {
-        println!("  failures by step and reason:");
-        for ((step, reason), n) in failures {
-            println!("    {n:>4}  {step:<13} {reason}");
-        }
-    }
-    println!("  ledger:           {} (station ledger export --ledger {})", ledger.display(), ledger.display());
 }

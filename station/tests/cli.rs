@@ -60,6 +60,8 @@ fn demo_batch_with_faults_runs_and_exports() {
     }
     let labels = std::fs::read_dir(dir.path().join("labels")).expect("labels folder").count();
     assert_eq!(labels, sealed.len(), "one label per sealed bundle");
+    let report = std::fs::read_to_string(dir.path().join("summary.txt")).expect("summary report");
+    assert!(report.contains(&format!("bundles sealed:   {}", sealed.len())), "{report}");
     for c in cards {
         for field in [
             "card_id",
