@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use card::transport::{CardReader, ReaderMonitor, TransportError};
+use card::transport::{CardReader, ReaderId, ReaderMonitor, TransportError};
 
 use crate::handler::CardHandler;
 use crate::pairing::{self, BundleStatus};
@@ -113,21 +113,25 @@ pub struct Output {
     pub labels: Option<std::path::PathBuf>,
 }
 
-/// Runs workers on `readers` until `target` cards reached a final state;
-/// with bundling on, a bundle coordinator pairs the ready cards. `on_event`
-/// sees every event (progress printing, later the dashboard).
+/// How often the batch looks for readers that appeared.
+const RELIST: Duration = Duration::from_secs(1);
+
+/// Runs one worker per reader the monitor lists (and for readers that
+/// appear later) until `target` cards reached a final state; with bundling
+/// on, a bundle coordinator pairs the ready cards. `on_event` sees every
+/// event (progress printing, later the dashboard).
 pub fn run(
-    readers: Vec<Box<dyn CardReader>>,
+    mut monitor: Box<dyn ReaderMonitor>,
     recipe: Arc<Recipe>,
     handler: Arc<dyn CardHandler>,
     target: usize,
     output: Output,
     mut on_event: impl FnMut(&Event),
 ) -> Result<Summary, BatchError> {
+    let readers = open_all(&mut *monitor).map_err(|e| BatchError::Fatal(format!("cannot list readers: {e}")))?;
     if readers.is_empty() {
         return Err(BatchError::NoReaders);
     }
-    let n = readers.len();
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::unbounded();
     let started = Instant::now();
@@ -151,18 +155,20 @@ pub fn run(
         events: tx.clone(),
         stop: Arc::clone(&stop),
     };
-    let mut handles = Vec::with_capacity(n);
-    for reader in readers {
+    let spawn = |reader: Box<dyn CardReader>| {
         let ctx = ctx.clone();
-        let name = format!("reader-{}", reader.id());
-        let h = std::thread::Builder::new()
-            .name(name)
+        std::thread::Builder::new()
+            .name(format!("reader-{}", reader.id()))
             .spawn(move || worker::run(reader, ctx))
-            .map_err(|e| BatchError::Fatal(format!("cannot start a worker thread: {e}")))?;
-        handles.push(h);
+            .map_err(|e| BatchError::Fatal(format!("cannot start a worker thread: {e}")))
+    };
+    let mut known: std::collections::HashSet<ReaderId> = readers.iter().map(|r| r.id().clone()).collect();
+    let mut handles = Vec::with_capacity(readers.len());
+    for reader in readers {
+        handles.push(spawn(reader)?);
     }
-    drop(ctx);
     drop(tx);
+    let mut last_list = Instant::now();
     let mut outcomes = Vec::with_capacity(target);
     let mut waiting = std::collections::HashSet::new();
     let mut offered = 0usize;
@@ -170,7 +176,30 @@ pub fn run(
     let mut told_no_more = false;
     let mut fatal = None;
     while outcomes.len() < target {
-        let Ok(ev) = rx.recv() else { break };
+        // Readers plugged in while the batch runs get their own worker; a
+        // reader that goes away leaves its worker reporting the error until
+        // it comes back.
+        if last_list.elapsed() >= RELIST {
+            last_list = Instant::now();
+            if let Ok(ids) = monitor.readers() {
+                let new: Vec<ReaderId> = ids.into_iter().filter(|id| !known.contains(id)).collect();
+                for id in new {
+                    match monitor.open(&id) {
+                        Ok(reader) => {
+                            tracing::info!(reader = %id, "reader appeared");
+                            known.insert(id);
+                            handles.push(spawn(reader)?);
+                        }
+                        Err(e) => tracing::warn!(reader = %id, error = %e, "cannot open a new reader"),
+                    }
+                }
+            }
+        }
+        let ev = match rx.recv_timeout(RELIST) {
+            Ok(ev) => ev,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        };
         on_event(&ev);
         match ev {
             Event::Outcome(o) => {
@@ -218,5 +247,5 @@ pub fn run(
     if let Some(e) = fatal {
         return Err(BatchError::Fatal(e));
     }
-    Ok(Summary { outcomes, elapsed, readers: n, bundles_sealed: sealed, bundles_aborted: aborted })
+    Ok(Summary { outcomes, elapsed, readers: known.len(), bundles_sealed: sealed, bundles_aborted: aborted })
 }

@@ -357,10 +357,7 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     let cards = sim::make_cards(args.cards, seed, &faults);
     let feeder = Arc::new(EmuFeeder::new(bank.clone(), cards));
     feeder.fill();
-    let readers: Vec<Box<dyn card::transport::CardReader>> = (0..args.sim)
-        .filter_map(|i| bank.reader(i))
-        .map(|r| Box::new(r) as Box<dyn card::transport::CardReader>)
-        .collect();
+    let readers: Box<dyn card::transport::ReaderMonitor> = Box::new(bank);
     let recipe = Arc::new(Recipe::new(Arc::clone(&profile), Arc::clone(&fw), ledger.clone(), batch_id));
     println!(
         "batch {name}: {} cards on {} emulated readers, card speed {}, seed {seed}{}; ledger {}",

@@ -62,7 +62,7 @@ pub fn run_batch(profile: Arc<Profile>, readers: usize, cards: Vec<EmuCard>, spe
     let bank = EmuBank::new(readers, speed, Duration::from_millis(200));
     let feeder = Arc::new(EmuFeeder::new(bank.clone(), cards));
     feeder.fill();
-    let readers = batch::open_all(&mut bank.clone()).expect("emulated readers");
+    let readers: Box<dyn card::transport::ReaderMonitor> = Box::new(bank.clone());
     let recipe = Arc::new(Recipe::new(profile, Arc::clone(&firmware), ledger.clone(), batch_id));
     let labels = dir.path().join("labels");
     let output = batch::Output { labels: Some(labels) };
