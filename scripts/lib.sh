@@ -1,8 +1,8 @@
 # Shared helpers for the scripts in this folder. Source it; don't run it.
 
 # The Debian packages a build of this workspace needs: a C compiler for the
-# bundled SQLite and pkg-config for -sys crates.
-BUILD_PACKAGES=(build-essential pkg-config)
+# bundled SQLite, pkg-config for -sys crates, and the PC/SC client library.
+BUILD_PACKAGES=(build-essential pkg-config libpcsclite-dev)
 
 # as_root CMD...: runs CMD as root (sudo when not root).
 as_root() {

@@ -1,6 +1,9 @@
-//! The Tapline rig: lab tooling around the station. For now it makes the
-//! demo firmware's CAP file and prints the demo vendor CA; regression plans,
-//! fault scenarios, fixtures and the vpcd bridge come here next.
+//! The Tapline rig: lab tooling around the station. It makes the demo
+//! firmware's CAP file, prints the demo vendor CA, and puts emulated cards
+//! behind a real pcscd (`vpcd`); regression plans, fault scenarios and
+//! fixtures come here next.
+
+pub mod vpcd;
 
 use card::cap::{CapBuilder, CapError};
 

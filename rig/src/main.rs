@@ -1,9 +1,15 @@
 //! `rig`: the Tapline lab rig's command line.
 
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use rig::vpcd::control;
+use rig::vpcd::feeder::{Feeder, FeederConfig, REINSERT_GAP};
+use station::sim::SimFaults;
 
 #[derive(Parser)]
 #[command(name = "rig", version, about = "Tapline hardware-in-the-loop rig")]
@@ -27,6 +33,41 @@ enum Command {
     },
     /// Print the DEMO ONLY vendor CA public key the emulated chips chain to.
     DemoCa,
+    /// Put emulated cards behind a real pcscd, one per vpcd reader, fed from
+    /// a hopper and binned through a control socket (docs/real-readers.md).
+    /// Start pcscd first: scripts/pcscd-vpcd.sh start N PORT_BASE. Stop with
+    /// QUIT on the control socket (prints the summary); Ctrl-C or SIGTERM
+    /// end it without one.
+    Vpcd(VpcdArgs),
+}
+
+#[derive(clap::Args)]
+struct VpcdArgs {
+    /// Virtual readers to serve: vpcd ports PORT_BASE .. PORT_BASE+N-1.
+    #[arg(long, value_name = "N")]
+    readers: usize,
+    /// The first reader's vpcd port (as given to scripts/pcscd-vpcd.sh).
+    #[arg(long, default_value_t = rig::vpcd::DEFAULT_PORT_BASE, value_name = "P")]
+    port_base: u16,
+    /// Emulated card speed: 1.0 = realistic latency, 0 = instant.
+    #[arg(long, default_value_t = 1.0, value_name = "F")]
+    card_speed: f64,
+    /// Cards in the hopper (the first N go straight onto the readers).
+    #[arg(long, default_value_t = 100, value_name = "COUNT")]
+    cards: usize,
+    /// Seed of the emulated chip factory (random when absent; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Faulty cards to mix in, e.g. counterfeit=0.05,tear=0.05,mute=0.02.
+    #[arg(long, default_value = "", value_name = "SPEC")]
+    sim_faults: String,
+    /// Control socket address, loopback only [default: 127.0.0.1:PORT_BASE-1].
+    #[arg(long, value_name = "ADDR")]
+    control: Option<SocketAddr>,
+    /// How long a mute card keeps its reader waiting before its connection
+    /// drops: vpcd itself never times out.
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    mute_timeout_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +87,62 @@ fn main() -> anyhow::Result<()> {
                 hex::encode_upper(card::wallet::public_key_bytes(&card::emu::factory::demo_vendor_ca_public()))
             );
         }
+        Command::Vpcd(args) => run_vpcd(args)?,
     }
+    Ok(())
+}
+
+fn run_vpcd(args: VpcdArgs) -> anyhow::Result<()> {
+    if !(1..=rig::vpcd::MAX_READERS).contains(&args.readers) {
+        bail!(
+            "--readers {}: 1 to {} (pcsc-lite 1.9.9 runs at most {} readers in one pcscd)",
+            args.readers,
+            rig::vpcd::MAX_READERS,
+            rig::vpcd::MAX_READERS
+        );
+    }
+    if !(0.0..=100.0).contains(&args.card_speed) {
+        bail!("--card-speed {} is outside 0..=100", args.card_speed);
+    }
+    let last = u32::from(args.port_base) + args.readers as u32 - 1;
+    if args.port_base < 1025 || last > u32::from(u16::MAX) {
+        bail!("--port-base {}: the ports {}..={last} must lie in 1025..=65535", args.port_base, args.port_base);
+    }
+    let faults: SimFaults = args.sim_faults.parse()?;
+    let control_addr = args.control.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.port_base - 1)));
+    if !control_addr.ip().is_loopback() {
+        bail!("--control {control_addr}: the control socket listens on loopback only (127.0.0.1 or [::1])");
+    }
+    let listener = TcpListener::bind(control_addr).with_context(|| format!("control socket {control_addr}"))?;
+    let seed = args.seed.unwrap_or_else(|| {
+        let mut b = [0u8; 8];
+        let _ = getrandom::fill(&mut b);
+        u64::from_be_bytes(b) >> 16
+    });
+    let cards = station::sim::make_cards(args.cards, seed, &faults);
+    let config = FeederConfig {
+        port_base: args.port_base,
+        readers: args.readers,
+        speed: args.card_speed,
+        mute_timeout: Duration::from_millis(args.mute_timeout_ms),
+        reinsert_gap: REINSERT_GAP,
+    };
+    println!(
+        "rig vpcd: {} cards, seed {seed}, card speed {}{}; control {control_addr}",
+        args.cards,
+        args.card_speed,
+        if faults.rates.is_empty() { String::new() } else { format!(", faults {faults}") },
+    );
+    for port in config.ports() {
+        println!("port {port}: reader \"{}\"", rig::vpcd::reader_name(args.port_base, port));
+    }
+    let feeder = Feeder::start(config, cards, Arc::new(|line: &str| println!("{line}")));
+    let (quit_tx, quit_rx) = std::sync::mpsc::channel();
+    let f = feeder.clone();
+    std::thread::Builder::new().name("vpcd-control".into()).spawn(move || control::serve(listener, f, quit_tx))?;
+    // Every sender lives in the control thread, which runs for ever: recv
+    // returns only on a QUIT.
+    let _ = quit_rx.recv();
+    print!("{}", feeder.shutdown());
     Ok(())
 }

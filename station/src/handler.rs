@@ -94,3 +94,96 @@ impl CardHandler for EmuFeeder {
         }
     }
 }
+
+/// The rig's emulated feeder for cards behind a real pcscd (`rig vpcd`,
+/// docs/real-readers.md): the station ejects a finished card over the rig's
+/// loopback control socket, and the rig inserts the next one. A feeder that
+/// does not answer is logged and the station keeps running; the card then
+/// simply stays on its reader until someone removes it.
+pub struct RigFeeder {
+    addr: std::net::SocketAddr,
+    conn: Mutex<Option<std::io::BufReader<std::net::TcpStream>>>,
+}
+
+/// How long the station waits for the rig to answer one command.
+const RIG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl RigFeeder {
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        Self { addr, conn: Mutex::new(None) }
+    }
+
+    /// Sends one command line and reads the one-line reply.
+    fn command(&self, line: &str) -> std::io::Result<String> {
+        use std::io::{BufRead, Write};
+        let mut guard = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for attempt in 0..2 {
+            if guard.is_none() {
+                let s = std::net::TcpStream::connect_timeout(&self.addr, RIG_TIMEOUT)?;
+                s.set_read_timeout(Some(RIG_TIMEOUT))?;
+                *guard = Some(std::io::BufReader::new(s));
+            }
+            let Some(conn) = guard.as_mut() else { continue };
+            let sent = conn.get_mut().write_all(format!("{line}\n").as_bytes());
+            let mut reply = String::new();
+            match sent.and_then(|()| conn.read_line(&mut reply)) {
+                Ok(n) if n > 0 => return Ok(reply.trim_end().to_string()),
+                // A closed or broken connection: reconnect once.
+                _ if attempt == 0 => *guard = None,
+                Ok(_) => {
+                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "rig closed the connection"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other("rig did not answer"))
+    }
+}
+
+impl CardHandler for RigFeeder {
+    fn eject(&self, reader: &ReaderId, bin: Bin) {
+        let Some(port) = card::transport::pcsc::port_of_reader(reader.as_str()) else {
+            tracing::warn!(reader = %reader, "not a rig vpcd reader; leaving the card for the operator");
+            return;
+        };
+        let bin = match bin {
+            Bin::Pass => "PASS",
+            Bin::Fail => "FAIL",
+        };
+        match self.command(&format!("EJECT {port} {bin}")) {
+            Ok(r) if r.starts_with("OK") => {}
+            Ok(r) => tracing::warn!(reader = %reader, reply = %r, "rig refused EJECT"),
+            Err(e) => tracing::warn!(reader = %reader, error = %e, "rig feeder unreachable"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rig_feeder_sends_eject_lines_and_survives_a_dead_rig() {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().expect("accept");
+            let mut r = std::io::BufReader::new(s.try_clone().expect("clone"));
+            let mut lines = Vec::new();
+            for _ in 0..2 {
+                let mut l = String::new();
+                r.read_line(&mut l).expect("line");
+                lines.push(l.trim_end().to_string());
+                (&s).write_all(b"OK\n").expect("reply");
+            }
+            lines
+        });
+        let feeder = RigFeeder::new(addr);
+        feeder.eject(&ReaderId("Tapline vpcd 35963 00 01".into()), Bin::Pass);
+        feeder.eject(&ReaderId("Tapline vpcd 35963 00 00".into()), Bin::Fail);
+        assert_eq!(server.join().expect("server"), ["EJECT 35964 PASS", "EJECT 35963 FAIL"]);
+        // The rig is gone now: eject logs and returns.
+        feeder.eject(&ReaderId("Tapline vpcd 35963 00 00".into()), Bin::Fail);
+    }
+}

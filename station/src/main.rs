@@ -5,10 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use card::transport::ReaderMonitor;
+use card::transport::pcsc::PcscMonitor;
 use clap::{Parser, Subcommand, ValueEnum};
 use station::batch::{self, Summary};
 use station::firmware::{self, Firmware};
-use station::handler::EmuFeeder;
+use station::handler::{CardHandler, EmuFeeder, ManualHandler, RigFeeder};
 use station::ledger::{BatchInfo, Ledger, export};
 use station::profile::Profile;
 use station::recipe::{Progress, Recipe};
@@ -49,8 +51,23 @@ struct RunArgs {
     #[arg(long)]
     profile: PathBuf,
     /// Run on N emulated readers (the emulated feeder supplies the cards).
-    #[arg(long, value_name = "N")]
-    sim: usize,
+    #[arg(long, value_name = "N", conflicts_with = "pcsc", required_unless_present = "pcsc")]
+    sim: Option<usize>,
+    /// Run on the PC/SC readers of the system's pcscd (real readers, or
+    /// emulated cards behind vpcd).
+    #[arg(long)]
+    pcsc: bool,
+    /// With --pcsc: only readers whose name matches (glob, repeatable;
+    /// added to the profile's readers.include).
+    #[arg(long = "reader-include", value_name = "PATTERN")]
+    reader_include: Vec<String>,
+    /// With --pcsc: skip readers whose name matches (glob, repeatable).
+    #[arg(long = "reader-exclude", value_name = "PATTERN")]
+    reader_exclude: Vec<String>,
+    /// With --pcsc: the card feeder; `rig:HOST:PORT` is the rig's emulated
+    /// feeder behind vpcd. Without it the operator removes and inserts cards.
+    #[arg(long, value_name = "FEEDER")]
+    feeder: Option<String>,
     /// Cards to take to a final state.
     #[arg(long, value_name = "COUNT")]
     cards: usize,
@@ -331,8 +348,11 @@ fn default_batch_name() -> String {
 
 fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     let faults: SimFaults = args.sim_faults.parse()?;
-    if args.sim == 0 {
+    if args.sim == Some(0) {
         bail!("--sim must be at least 1 reader");
+    }
+    if args.cards == 0 {
+        bail!("--cards must be at least 1");
     }
     if !(0.0..=100.0).contains(&args.card_speed) {
         bail!("--card-speed {} is outside 0..=100", args.card_speed);
@@ -353,17 +373,38 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
         let _ = getrandom::fill(&mut b);
         u64::from_be_bytes(b) >> 16
     });
-    let bank = card::transport::emu::EmuBank::new(args.sim, args.card_speed, profile.timeouts.apdu);
-    let cards = sim::make_cards(args.cards, seed, &faults);
-    let feeder = Arc::new(EmuFeeder::new(bank.clone(), cards));
-    feeder.fill();
-    let readers: Box<dyn card::transport::ReaderMonitor> = Box::new(bank);
+    let (readers, handler, line): (Box<dyn ReaderMonitor>, Arc<dyn CardHandler>, String) = match args.sim {
+        Some(n) => {
+            let bank = card::transport::emu::EmuBank::new(n, args.card_speed, profile.timeouts.apdu);
+            let feeder = Arc::new(EmuFeeder::new(bank.clone(), sim::make_cards(args.cards, seed, &faults)));
+            feeder.fill();
+            let line = format!("{n} emulated readers, card speed {}, seed {seed}", args.card_speed);
+            (Box::new(bank), feeder, line)
+        }
+        None => {
+            let mut filter = profile.readers.clone();
+            filter.include.extend(args.reader_include.iter().cloned());
+            filter.exclude.extend(args.reader_exclude.iter().cloned());
+            let monitor = PcscMonitor::new(filter, profile.sharing).context(
+                "cannot reach pcscd (is it running? scripts/pcscd-vpcd.sh starts one with emulated readers)",
+            )?;
+            let handler: Arc<dyn CardHandler> = match args.feeder.as_deref() {
+                None => Arc::new(ManualHandler),
+                Some(f) => {
+                    let addr = f
+                        .strip_prefix("rig:")
+                        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                        .with_context(|| format!("--feeder {f:?}: expected rig:HOST:PORT, e.g. rig:127.0.0.1:35962"))?;
+                    Arc::new(RigFeeder::new(addr))
+                }
+            };
+            (Box::new(monitor), handler, "PC/SC readers".to_string())
+        }
+    };
     let recipe = Arc::new(Recipe::new(Arc::clone(&profile), Arc::clone(&fw), ledger.clone(), batch_id));
     println!(
-        "batch {name}: {} cards on {} emulated readers, card speed {}, seed {seed}{}; ledger {}",
+        "batch {name}: {} cards on {line}{}; ledger {}",
         args.cards,
-        args.sim,
-        args.card_speed,
         if faults.rates.is_empty() { String::new() } else { format!(", faults {faults}") },
         args.ledger.display()
     );
@@ -374,7 +415,7 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     let mut done = 0usize;
     let report_dir = args.report_dir.clone().unwrap_or_else(|| PathBuf::from("reports").join(&name));
     let output = batch::Output { labels: profile.bundles.as_ref().map(|_| report_dir.join("labels")) };
-    let summary = batch::run(readers, recipe, feeder, total, output, |ev| print_event(ev, &mut done, total))?;
+    let summary = batch::run(readers, recipe, handler, total, output, |ev| print_event(ev, &mut done, total))?;
     ledger.finish_batch(batch_id)?;
     drop(ledger);
     writer.close();

@@ -63,6 +63,21 @@ struct RawProfile {
     retries: RawRetries,
     #[serde(default)]
     bundles: Option<RawBundles>,
+    #[serde(default)]
+    readers: RawReaders,
+}
+
+/// Which PC/SC readers the station takes, by name pattern (`*`, `?`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReaders {
+    #[serde(default)]
+    include: Vec<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    /// `shared` (default) or `exclusive` card connections.
+    #[serde(default)]
+    sharing: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -278,6 +293,9 @@ pub struct Profile {
     pub card_retries: u32,
     /// Pairing into bundles; `None` leaves cards "ready for pairing".
     pub bundles: Option<Bundles>,
+    /// PC/SC reader selection and connection sharing.
+    pub readers: card::transport::pcsc::ReaderFilter,
+    pub sharing: card::transport::pcsc::Sharing,
 }
 
 /// What happens to a ready card that finds no partners.
@@ -588,6 +606,17 @@ impl Validator {
                 })
             }
         };
+        let sharing = match &raw.readers.sharing {
+            None => card::transport::pcsc::Sharing::Shared,
+            Some(v) => match v.value.as_str() {
+                "shared" => card::transport::pcsc::Sharing::Shared,
+                "exclusive" => card::transport::pcsc::Sharing::Exclusive,
+                other => {
+                    self.problem(v, "readers.sharing", format!("{other:?}: use shared or exclusive"));
+                    card::transport::pcsc::Sharing::Shared
+                }
+            },
+        };
         if raw.retries.card.value > 5 {
             self.problem(&raw.retries.card, "retries.card", "at most 5");
         }
@@ -617,6 +646,8 @@ impl Validator {
             },
             card_retries: raw.retries.card.value,
             bundles,
+            readers: card::transport::pcsc::ReaderFilter::new(raw.readers.include, raw.readers.exclude),
+            sharing,
         })
     }
 }

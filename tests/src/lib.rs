@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use card::emu::EmuCard;
+use card::transport::ReaderMonitor;
 use card::transport::emu::EmuBank;
 use station::batch::{self, Summary};
 use station::firmware::Firmware;
-use station::handler::{Bin, EmuFeeder};
+use station::handler::{Bin, CardHandler, EmuFeeder};
 use station::ledger::export::{self, Export};
 use station::ledger::{BatchInfo, Ledger};
 use station::profile::Profile;
@@ -45,6 +46,24 @@ impl Batch {
 /// Runs `cards` through the station on `readers` emulated readers at
 /// `speed`, with a SQLite ledger in a temporary directory.
 pub fn run_batch(profile: Arc<Profile>, readers: usize, cards: Vec<EmuCard>, speed: f64) -> Batch {
+    let target = cards.len();
+    let bank = EmuBank::new(readers, speed, Duration::from_millis(200));
+    let feeder = Arc::new(EmuFeeder::new(bank.clone(), cards));
+    feeder.fill();
+    let mut b = run_batch_on(profile, Box::new(bank), Arc::clone(&feeder) as _, target);
+    b.bins = feeder.take_bins();
+    b
+}
+
+/// Runs a batch of `target` cards on whatever readers `monitor` lists, with
+/// `handler` feeding and binning (no bins are collected: the cards are not
+/// in this process).
+pub fn run_batch_on(
+    profile: Arc<Profile>,
+    monitor: Box<dyn ReaderMonitor>,
+    handler: Arc<dyn CardHandler>,
+    target: usize,
+) -> Batch {
     let firmware = Arc::new(Firmware::load(&profile.firmware_dir, &profile.release_keys).expect("firmware"));
     let dir = tempfile::tempdir().expect("tempdir");
     let ledger_path = dir.path().join("ledger.db");
@@ -58,18 +77,12 @@ pub fn run_batch(profile: Arc<Profile>, readers: usize, cards: Vec<EmuCard>, spe
             firmware_sha256: hex::encode(firmware.load_file_sha256),
         })
         .expect("batch");
-    let target = cards.len();
-    let bank = EmuBank::new(readers, speed, Duration::from_millis(200));
-    let feeder = Arc::new(EmuFeeder::new(bank.clone(), cards));
-    feeder.fill();
-    let readers: Box<dyn card::transport::ReaderMonitor> = Box::new(bank.clone());
     let recipe = Arc::new(Recipe::new(profile, Arc::clone(&firmware), ledger.clone(), batch_id));
-    let labels = dir.path().join("labels");
-    let output = batch::Output { labels: Some(labels) };
-    let summary = batch::run(readers, recipe, Arc::clone(&feeder) as _, target, output, |_| {}).expect("batch runs");
+    let output = batch::Output { labels: Some(dir.path().join("labels")) };
+    let summary = batch::run(monitor, recipe, handler, target, output, |_| {}).expect("batch runs");
     ledger.finish_batch(batch_id).expect("finish");
     drop(ledger);
     writer.close();
     let export = export::export(&ledger_path).expect("export");
-    Batch { summary, export, bins: feeder.take_bins(), firmware, ledger: ledger_path, _dir: dir }
+    Batch { summary, export, bins: Vec::new(), firmware, ledger: ledger_path, _dir: dir }
 }

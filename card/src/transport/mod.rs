@@ -5,6 +5,7 @@
 //! in one place, for every backend.
 
 pub mod emu;
+pub mod pcsc;
 
 use std::fmt;
 use std::time::Duration;
@@ -63,6 +64,19 @@ pub enum TransportError {
     ResponseTooLong(usize),
     #[error("operation cancelled")]
     Cancelled,
+    /// The PC/SC service (pcscd) stopped, restarted or cannot be reached.
+    /// Not retryable on its own: the context must be established again
+    /// (`transport::pcsc` readers do that themselves in `wait_change`).
+    #[error("PC/SC service unavailable")]
+    ServiceUnavailable(#[source] ::pcsc::Error),
+    /// Any other PC/SC failure, with the call that failed (e.g. a sharing
+    /// violation when another application holds the reader exclusively).
+    #[error("PC/SC {operation} failed: {source}")]
+    Pcsc {
+        operation: &'static str,
+        #[source]
+        source: ::pcsc::Error,
+    },
 }
 
 impl TransportError {
