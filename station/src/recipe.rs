@@ -269,8 +269,15 @@ impl Recipe {
             Ok(c) => c,
             Err(e) => {
                 // No card id yet: nothing to journal under. The outcome still
-                // reaches the batch and the operator.
-                outcome.result = Err(Failure::from_card_error(Step::Identify, &e));
+                // reaches the batch and the operator. A card that answers but
+                // has no GlobalPlatform card manager or no CPLC is not one of
+                // ours: unsupported, not a retry candidate.
+                let mut f = Failure::from_card_error(Step::Identify, &e);
+                if let CardError::Status { command, sw } = &e {
+                    f.reason = format!("unsupported card: {command} answered {:04X}", sw.0);
+                    f.retryable = false;
+                }
+                outcome.result = Err(f);
                 outcome.elapsed = started.elapsed();
                 return Ok(outcome);
             }

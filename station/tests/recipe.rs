@@ -264,3 +264,21 @@ fn a_passed_card_presented_again_is_refused_and_its_record_kept() {
     assert_eq!(f.reason, "already provisioned");
     assert_eq!(rig.card(&card.id()), before, "the passed record is untouched");
 }
+
+#[test]
+fn a_card_without_a_card_manager_is_unsupported_and_not_recorded() {
+    let rig = Rig::new();
+    let mut factory = ChipFactory::new(9);
+    // A card that answers every command with "instruction not supported"
+    // (SELECT included) stands for a foreign card.
+    let foreign = factory.make(
+        ChipKind::Genuine,
+        CardFaults { wrong_sw: Some((0xA4, card::sw::StatusWord::FILE_NOT_FOUND)), ..CardFaults::default() },
+    );
+    let (o, _) = rig.run(foreign);
+    let f = failure(&o);
+    assert_eq!(f.step, Step::Identify);
+    assert!(f.reason.starts_with("unsupported card:"), "{f:?}");
+    assert!(!f.retryable);
+    assert!(rig.export().is_empty(), "nothing recorded for a card that is not ours");
+}
