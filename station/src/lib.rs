@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod firmware;
+pub mod gp_tool;
 pub mod handler;
 pub mod ledger;
 pub mod pairing;

@@ -10,6 +10,7 @@ use card::transport::pcsc::PcscMonitor;
 use clap::{Parser, Subcommand, ValueEnum};
 use station::batch::{self, Summary};
 use station::firmware::{self, Firmware};
+use station::gp_tool;
 use station::handler::{CardHandler, EmuFeeder, ManualHandler, RigFeeder};
 use station::ledger::{BatchInfo, Ledger, export};
 use station::profile::Profile;
@@ -42,6 +43,144 @@ enum Command {
     Profile {
         #[command(subcommand)]
         command: ProfileCommand,
+    },
+    /// GlobalPlatform utility commands for one card (rework).
+    Gp {
+        #[command(subcommand)]
+        command: GpCommand,
+    },
+}
+
+/// Reader and card manager keys, common to every `gp` command.
+#[derive(clap::Args)]
+struct GpKeyArgs {
+    /// The reader (name or glob); required when more than one reader has a card.
+    #[arg(long, value_name = "NAME_OR_GLOB")]
+    reader: Option<String>,
+    /// Key version for INITIALIZE UPDATE (decimal or hex like FF); 0 = the card's choice.
+    #[arg(long, default_value = "0", value_name = "N", value_parser = parse_kvn)]
+    key_version: u8,
+    /// One key for ENC, MAC and DEK: HEX, env:NAME, file:PATH, or `default`
+    /// (the GP test keys 40..4F, used when no key is given).
+    #[arg(long, value_name = "KEY", conflicts_with_all = ["enc", "mac", "dek", "profile"])]
+    key: Option<String>,
+    #[arg(long, value_name = "KEY", requires_all = ["mac", "dek"], conflicts_with = "profile")]
+    enc: Option<String>,
+    #[arg(long, value_name = "KEY", requires_all = ["enc", "dek"], conflicts_with = "profile")]
+    mac: Option<String>,
+    #[arg(long, value_name = "KEY", requires_all = ["enc", "mac"], conflicts_with = "profile")]
+    dek: Option<String>,
+    /// Secure channel level: cmac, cmac-cdec, cmac-rmac, cmac-cdec-rmac
+    /// (default cmac-cdec-rmac, or the profile's).
+    #[arg(long, value_name = "LEVEL", value_parser = parse_level)]
+    level: Option<card::gp::scp03::SecurityLevel>,
+    /// Take the keys (factory and rotation) and level from a profile.
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
+}
+
+impl GpKeyArgs {
+    fn options(&self, diversification: card::gp::keys::Diversification) -> gp_tool::KeyOptions {
+        gp_tool::KeyOptions {
+            key_version: self.key_version,
+            key: self.key.clone(),
+            enc: self.enc.clone(),
+            mac: self.mac.clone(),
+            dek: self.dek.clone(),
+            diversification,
+            level: self.level,
+            profile: self.profile.clone(),
+        }
+    }
+}
+
+fn parse_kvn(s: &str) -> Result<u8, String> {
+    gp_tool::parse_key_version(s).map_err(|e| e.to_string())
+}
+
+fn parse_level(s: &str) -> Result<card::gp::scp03::SecurityLevel, String> {
+    gp_tool::parse_level(s).map_err(|e| e.to_string())
+}
+
+fn parse_div(s: &str) -> Result<card::gp::keys::Diversification, String> {
+    s.parse().map_err(|e: card::gp::keys::KeyError| e.to_string())
+}
+
+#[derive(Subcommand)]
+enum GpCommand {
+    /// ISD state, key version, load files and applications (GET STATUS).
+    List {
+        #[command(flatten)]
+        keys: GpKeyArgs,
+        /// Derive per-card keys from --key/--enc/--mac/--dek as master keys.
+        #[arg(long, visible_alias = "key-diversification", default_value = "none", value_parser = parse_div)]
+        diversification: card::gp::keys::Diversification,
+        #[arg(long)]
+        json: bool,
+    },
+    /// INSTALL [for load] and LOAD a CAP file.
+    Load {
+        cap: PathBuf,
+        #[command(flatten)]
+        keys: GpKeyArgs,
+        #[arg(long, visible_alias = "key-diversification", default_value = "none", value_parser = parse_div)]
+        diversification: card::gp::keys::Diversification,
+        /// Include the Descriptor component in the load file.
+        #[arg(long)]
+        with_descriptor: bool,
+        /// Bytes of load file data per LOAD command (default 240, or the profile's).
+        #[arg(long, value_name = "N")]
+        block_size: Option<usize>,
+    },
+    /// INSTALL [for install and make selectable] an applet instance.
+    Install {
+        #[command(flatten)]
+        keys: GpKeyArgs,
+        #[arg(long, visible_alias = "key-diversification", default_value = "none", value_parser = parse_div)]
+        diversification: card::gp::keys::Diversification,
+        /// Load file (package) AID.
+        #[arg(long, value_name = "AID")]
+        package: String,
+        /// Applet class AID.
+        #[arg(long, value_name = "AID")]
+        applet: String,
+        /// Instance AID (default: the applet AID).
+        #[arg(long, value_name = "AID")]
+        instance: Option<String>,
+        /// Privileges byte, hex.
+        #[arg(long, default_value = "00", value_name = "HEX")]
+        privileges: String,
+        /// Install parameters (application specific, wrapped in C9), hex.
+        #[arg(long, default_value = "", value_name = "HEX")]
+        params: String,
+    },
+    /// DELETE an application or load file.
+    Delete {
+        aid: String,
+        #[command(flatten)]
+        keys: GpKeyArgs,
+        #[arg(long, visible_alias = "key-diversification", default_value = "none", value_parser = parse_div)]
+        diversification: card::gp::keys::Diversification,
+        /// Also delete the load file's applications.
+        #[arg(long)]
+        related: bool,
+    },
+    /// PUT KEY: replace the key set in use with a new version from a master key.
+    RotateKeys {
+        #[command(flatten)]
+        keys: GpKeyArgs,
+        /// Diversification of the CURRENT keys (--key as master).
+        #[arg(long, default_value = "none", value_parser = parse_div)]
+        key_diversification: card::gp::keys::Diversification,
+        /// The new key version (1..127).
+        #[arg(long, value_name = "N", value_parser = parse_kvn)]
+        new_version: u8,
+        /// The new master key: HEX, env:NAME or file:PATH.
+        #[arg(long, value_name = "KEY")]
+        master: String,
+        /// Diversification of the NEW keys from --master.
+        #[arg(long, default_value = "none", value_parser = parse_div)]
+        diversification: card::gp::keys::Diversification,
     },
 }
 
@@ -193,6 +332,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Firmware { command } => firmware_command(command),
+        Command::Gp { command } => gp_command(command),
         Command::Profile { command: ProfileCommand::Check { file } } => {
             let profile = Profile::load(&file)?;
             let fw = Firmware::load(&profile.firmware_dir, &profile.release_keys)?;
@@ -312,6 +452,97 @@ fn firmware_command(command: FirmwareCommand) -> anyhow::Result<()> {
             let sk = read_signing_key(&key)?;
             let m = firmware::pack(&cap, &out, &name, &version, with_descriptor, Vec::new(), &sk)?;
             println!("{}: {} {} signed, load file {}", out.display(), m.name, m.version, m.load_file_sha256);
+            Ok(())
+        }
+    }
+}
+
+fn gp_command(command: GpCommand) -> anyhow::Result<()> {
+    match command {
+        GpCommand::List { keys, diversification, json } => {
+            let l = gp_tool::list(keys.reader.as_deref(), &keys.options(diversification))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+                return Ok(());
+            }
+            println!("reader:      {}", l.reader);
+            println!("key version: {:02X} ({})", l.key_version, l.security_level);
+            match &l.isd {
+                Some(i) => println!("ISD:         {} {} (privileges {})", i.aid, i.state, i.privileges),
+                None => println!("ISD:         (not listed)"),
+            }
+            println!("load files:{}", if l.load_files.is_empty() { "   (none)" } else { "" });
+            for f in &l.load_files {
+                println!("  {} version {}", f.aid, f.version.as_deref().unwrap_or("-"));
+                for m in &f.modules {
+                    println!("    module {m}");
+                }
+            }
+            println!("applications:{}", if l.applications.is_empty() { " (none)" } else { "" });
+            for a in &l.applications {
+                let names = if a.privilege_names.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", a.privilege_names.join(", "))
+                };
+                println!("  {} {} privileges {}{names}", a.aid, a.state, a.privileges);
+            }
+            Ok(())
+        }
+        GpCommand::Load { cap, keys, diversification, with_descriptor, block_size } => {
+            let r = gp_tool::load(
+                keys.reader.as_deref(),
+                &keys.options(diversification),
+                &cap,
+                with_descriptor,
+                block_size,
+            )?;
+            println!(
+                "{}: loaded package {} {} ({} bytes, {} blocks of {}; load file SHA-256 {})",
+                r.reader,
+                r.package_aid,
+                r.package_version,
+                r.load_file_size,
+                r.blocks,
+                r.block_size,
+                r.load_file_sha256
+            );
+            Ok(())
+        }
+        GpCommand::Install { keys, diversification, package, applet, instance, privileges, params } => {
+            let privileges = gp_tool::parse_hex("--privileges", &privileges)?;
+            let [privileges] = privileges[..] else {
+                bail!("--privileges: one byte of hex expected (e.g. 00)");
+            };
+            let spec = gp_tool::InstallSpec {
+                package: gp_tool::parse_aid("--package", &package)?,
+                applet: gp_tool::parse_aid("--applet", &applet)?,
+                instance: instance.as_deref().map(|i| gp_tool::parse_aid("--instance", i)).transpose()?,
+                privileges,
+                params: gp_tool::parse_hex("--params", &params)?,
+            };
+            let r = gp_tool::install(keys.reader.as_deref(), &keys.options(diversification), &spec)?;
+            println!("{}: installed {} ({})", r.reader, r.instance_aid, r.state);
+            Ok(())
+        }
+        GpCommand::Delete { aid, keys, diversification, related } => {
+            let aid = gp_tool::parse_aid("AID", &aid)?;
+            let r = gp_tool::delete(keys.reader.as_deref(), &keys.options(diversification), &aid, related)?;
+            println!("{}: deleted {}{}", r.reader, r.aid, if r.related { " and its applications" } else { "" });
+            Ok(())
+        }
+        GpCommand::RotateKeys { keys, key_diversification, new_version, master, diversification } => {
+            let r = gp_tool::rotate_keys(
+                keys.reader.as_deref(),
+                &keys.options(key_diversification),
+                new_version,
+                &master,
+                diversification,
+            )?;
+            println!(
+                "{}: keys rotated {:02X} -> {:02X} ({} diversification; KCVs ENC {} MAC {} DEK {}), proven by a new session",
+                r.reader, r.from, r.to, r.diversification, r.kcvs[0], r.kcvs[1], r.kcvs[2]
+            );
             Ok(())
         }
     }

@@ -15,6 +15,7 @@ use card::gp::session::{KeyRing, KeySource};
 use k256::ecdsa::VerifyingKey;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
+use zeroize::Zeroizing;
 
 /// One problem in a profile, with its place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -376,6 +377,24 @@ fn first_line(e: &impl fmt::Display) -> String {
     m.to_string()
 }
 
+/// Reads an AES-128 key given as 32 hex digits, `env:NAME` or `file:PATH`
+/// (relative to `base`; lines starting with `#` are comments). The error
+/// names the source, never the value: it may be a secret.
+pub fn resolve_key(spec: &str, base: &Path) -> Result<AesKey, String> {
+    let s = spec.trim();
+    let text: Zeroizing<String> = if let Some(name) = s.strip_prefix("env:") {
+        Zeroizing::new(std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?)
+    } else if let Some(file) = s.strip_prefix("file:") {
+        let raw = Zeroizing::new(
+            std::fs::read_to_string(base.join(file)).map_err(|e| format!("cannot read key file {file}: {e}"))?,
+        );
+        Zeroizing::new(raw.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join(""))
+    } else {
+        Zeroizing::new(s.to_string())
+    };
+    AesKey::from_hex(text.trim()).map_err(|_| "not an AES-128 key (32 hex digits)".to_string())
+}
+
 struct Validator {
     problems: Vec<Problem>,
     base: PathBuf,
@@ -412,31 +431,10 @@ impl Validator {
 
     /// A key given as hex, `env:NAME` or `file:PATH`.
     fn secret_key(&mut self, v: &Spanned<String>, field: &str) -> Option<AesKey> {
-        let s = v.value.trim();
-        let text = if let Some(name) = s.strip_prefix("env:") {
-            match std::env::var(name) {
-                Ok(t) => t,
-                Err(_) => {
-                    self.problem(v, field, format!("environment variable {name} is not set"));
-                    return None;
-                }
-            }
-        } else if let Some(file) = s.strip_prefix("file:") {
-            match std::fs::read_to_string(self.base.join(file)) {
-                Ok(t) => t,
-                Err(e) => {
-                    self.problem(v, field, format!("cannot read key file {file}: {e}"));
-                    return None;
-                }
-            }
-        } else {
-            s.to_string()
-        };
-        match AesKey::from_hex(text.trim()) {
+        match resolve_key(&v.value, &self.base) {
             Ok(k) => Some(k),
-            // The message must not echo the value: it may be a secret.
-            Err(_) => {
-                self.problem(v, field, "not an AES-128 key (32 hex digits)");
+            Err(detail) => {
+                self.problem(v, field, detail);
                 None
             }
         }
