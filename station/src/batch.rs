@@ -229,6 +229,9 @@ pub fn run(
     }
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
+    // Workers blocked in a reader wait return at once (PC/SC:
+    // Context::cancel) instead of at their next poll.
+    monitor.cancel_waits();
     if let Some((c, join)) = coordinator {
         // Releases the cards it still holds; their workers then finish.
         c.stop();

@@ -77,6 +77,7 @@ pub fn run(mut reader: Box<dyn CardReader>, ctx: Context) {
     while !ctx.stop.load(Ordering::Relaxed) {
         let state = match reader.wait_change(&known, POLL) {
             Ok(s) => s,
+            Err(card::transport::TransportError::Cancelled) => break,
             Err(e) => {
                 lane(LaneState::ReaderError(e.to_string()));
                 std::thread::sleep(Duration::from_secs(1));

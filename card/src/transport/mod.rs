@@ -153,6 +153,10 @@ pub trait CardReader: Send {
 pub trait ReaderMonitor: Send {
     fn readers(&mut self) -> Result<Vec<ReaderId>, TransportError>;
     fn open(&mut self, id: &ReaderId) -> Result<Box<dyn CardReader>, TransportError>;
+
+    /// Wakes every blocked wait of this monitor and of the readers it
+    /// opened (shutdown); they return `TransportError::Cancelled`.
+    fn cancel_waits(&self) {}
 }
 
 #[cfg(test)]

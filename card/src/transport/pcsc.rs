@@ -549,6 +549,10 @@ impl ReaderMonitor for PcscMonitor {
     fn open(&mut self, id: &ReaderId) -> Result<Box<dyn CardReader>, TransportError> {
         Ok(Box::new(self.open_reader(id)?))
     }
+
+    fn cancel_waits(&self) {
+        self.canceller().cancel();
+    }
 }
 
 // ---------------------------------------------------------------------------
