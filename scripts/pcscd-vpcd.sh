@@ -8,7 +8,9 @@
 #
 # What it does, without touching /etc:
 # - installs what is missing: pcscd, vsmartcard-vpcd, pcsc-tools (pcsc_scan,
-#   scriptor) and opensc (opensc-tool), for the peer-client tests;
+#   scriptor) and opensc (opensc-tool), for the peer-client tests, and
+#   vsmartcard-vpicc (vicc) with python3-pycryptodome, the foreign card of
+#   tests/tests/pcsc_faults.rs;
 # - writes its own reader configuration folder (pcscd -c DIR) with one vpcd
 #   entry per pair of readers: a vpcd entry always gives 2 readers (slots), on
 #   TCP ports P and P+1, where entry i has P = PORT_BASE + 2*i. An odd N is
@@ -171,7 +173,7 @@ start() {
     stop_pid "$pid"
   fi
 
-  need_packages pcscd vsmartcard-vpcd pcsc-tools opensc
+  need_packages pcscd vsmartcard-vpcd pcsc-tools opensc vsmartcard-vpicc python3-pycryptodome
   local driver
   driver=$(readlink -f /usr/lib/pcsc/drivers/serial/libifdvpcd.so 2>/dev/null || true)
   [ -f "$driver" ] || driver=$(dpkg -L vsmartcard-vpcd | grep '/libifdvpcd\.so' | head -n1)

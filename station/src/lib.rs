@@ -3,6 +3,7 @@
 //! line. The `station` binary is a thin CLI over this library.
 
 pub mod batch;
+pub mod doctor;
 pub mod firmware;
 pub mod gp_tool;
 pub mod handler;

@@ -44,6 +44,14 @@ enum Command {
         #[command(subcommand)]
         command: ProfileCommand,
     },
+    /// Check what real operation needs (pcscd, readers, permissions, profile) and say how to fix it.
+    Doctor {
+        /// Also check this profile and its firmware.
+        #[arg(long, value_name = "FILE")]
+        profile: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// GlobalPlatform utility commands for one card (rework).
     Gp {
         #[command(subcommand)]
@@ -333,6 +341,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Firmware { command } => firmware_command(command),
         Command::Gp { command } => gp_command(command),
+        Command::Doctor { profile, json } => {
+            let report = station::doctor::run(&station::doctor::Options { profile, ..Default::default() });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report.json())?);
+            } else {
+                print!("{}", report.render());
+            }
+            if !report.ok() {
+                bail!("doctor: some checks failed (fixes above)");
+            }
+            Ok(())
+        }
         Command::Profile { command: ProfileCommand::Check { file } } => {
             let profile = Profile::load(&file)?;
             let fw = Firmware::load(&profile.firmware_dir, &profile.release_keys)?;
