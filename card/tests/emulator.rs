@@ -47,14 +47,6 @@ const SMALL_BLOCK: usize = 150;
 const OTHER_PACKAGE: [u8; 6] = [0xF0, 0x54, 0x45, 0x53, 0x54, 0x01];
 const OTHER_APPLET: [u8; 7] = [0xF0, 0x54, 0x45, 0x53, 0x54, 0x01, 0x01];
 
-const ALL_LEVELS: [SecurityLevel; 5] = [
-    SecurityLevel::CMac,
-    SecurityLevel::CMacCDec,
-    SecurityLevel::CMacRMac,
-    SecurityLevel::CMacCDecRMac,
-    SecurityLevel::CMacCDecRMacREnc,
-];
-
 /// A firmware image as the station holds it: the C4-wrapped load file data
 /// block and the SHA-256 of the load file (INSTALL [for load] hash).
 struct Firmware {
@@ -229,7 +221,7 @@ impl Prng {
 #[test]
 fn gp_session_load_and_install_at_every_security_level() {
     let fw = wallet_firmware(CAP_SMALL);
-    for level in ALL_LEVELS {
+    for level in SecurityLevel::ALL {
         let (_bank, slot, mut reader) = rig(genuine(1));
         let mut rec = Recorder::new(reader.connect().expect("connect"));
         {

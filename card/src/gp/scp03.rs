@@ -221,6 +221,15 @@ pub enum SecurityLevel {
 }
 
 impl SecurityLevel {
+    /// Every level this implementation speaks, weakest first.
+    pub const ALL: [SecurityLevel; 5] = [
+        SecurityLevel::CMac,
+        SecurityLevel::CMacCDec,
+        SecurityLevel::CMacRMac,
+        SecurityLevel::CMacCDecRMac,
+        SecurityLevel::CMacCDecRMacREnc,
+    ];
+
     pub const fn to_byte(self) -> u8 {
         self as u8
     }
@@ -1246,13 +1255,6 @@ mod tests {
     const HC: [u8; 8] = [0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88];
     const CC: [u8; 8] = [0xA1, 0xB2, 0xC3, 0xD4, 0xE5, 0xF6, 0x07, 0x18];
     const KDD: [u8; 10] = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0];
-    const ALL_LEVELS: [SecurityLevel; 5] = [
-        SecurityLevel::CMac,
-        SecurityLevel::CMacCDec,
-        SecurityLevel::CMacRMac,
-        SecurityLevel::CMacCDecRMac,
-        SecurityLevel::CMacCDecRMacREnc,
-    ];
 
     /// Runs INITIALIZE UPDATE / EXTERNAL AUTHENTICATE between the two sides.
     fn establish(level: SecurityLevel) -> (HostChannel, CardChannel) {
@@ -1304,7 +1306,7 @@ mod tests {
             Response::new(vec![], StatusWord::new(0x62, 0x83)),
             Response::ok(vec![0xEE; 500]),
         ];
-        for level in ALL_LEVELS {
+        for level in SecurityLevel::ALL {
             let (mut host, mut card) = establish(level);
             for (i, c) in commands.iter().enumerate() {
                 let reply = replies[i % replies.len()].clone();
@@ -1342,7 +1344,7 @@ mod tests {
 
     #[test]
     fn tampered_c_mac_closes_the_card_channel() {
-        for level in ALL_LEVELS {
+        for level in SecurityLevel::ALL {
             let (mut host, mut card) = establish(level);
             let mut w = host.wrap(&Command::new(0x80, 0xE2, 0, 0).with_data(vec![1, 2, 3])).expect("wraps");
             let last = w.data.len() - 1;
@@ -1436,7 +1438,7 @@ mod tests {
 
     #[test]
     fn error_status_word_is_unauthenticated() {
-        for level in ALL_LEVELS {
+        for level in SecurityLevel::ALL {
             let (mut host, mut card) = establish(level);
             let got = exchange(
                 &mut host,
@@ -1526,7 +1528,7 @@ mod tests {
 
     #[test]
     fn security_level_bytes() {
-        for level in ALL_LEVELS {
+        for level in SecurityLevel::ALL {
             assert_eq!(SecurityLevel::try_from(u8::from(level)), Ok(level));
         }
         assert!(SecurityLevel::CMacCDec.has_cdec() && !SecurityLevel::CMacCDec.has_rmac());

@@ -58,6 +58,13 @@ pub struct FeederConfig {
 }
 
 impl FeederConfig {
+    /// Instant cards (speed 0) on `readers` ports from `port_base`, mute
+    /// cards released after 2 s, the usual re-insertion gap: what tests
+    /// through a real pcscd want.
+    pub fn instant(port_base: u16, readers: usize) -> Self {
+        Self { port_base, readers, speed: 0.0, mute_timeout: Duration::from_secs(2), reinsert_gap: REINSERT_GAP }
+    }
+
     pub fn ports(&self) -> impl Iterator<Item = u16> + use<> {
         let base = self.port_base;
         (0..self.readers).map(move |i| base + i as u16)
