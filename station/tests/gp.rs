@@ -56,13 +56,8 @@ fn gp_commands_list_load_install_delete_and_rotate_through_pcscd() {
         port_base()
     );
 
-    let config = FeederConfig {
-        port_base: port,
-        readers: 1,
-        speed: 0.0,
-        mute_timeout: Duration::from_secs(2),
-        reinsert_gap: Duration::from_millis(1100),
-    };
+    tapline_tests::wait_readers_empty(std::slice::from_ref(&reader), Duration::from_secs(5));
+    let config = FeederConfig::instant(port, 1);
     let feeder = FeederGuard(Feeder::start(config, make_cards(1, 7070, &SimFaults::default()), Arc::new(|_| {})));
 
     // Wait until pcscd sees the card.

@@ -86,3 +86,23 @@ pub fn run_batch_on(
     let export = export::export(&ledger_path).expect("export");
     Batch { summary, export, bins: Vec::new(), firmware, ledger: ledger_path, _dir: dir }
 }
+
+/// Waits until none of the PC/SC readers matching `patterns` holds a card:
+/// a card of the previous test binary may still show for one pcscd poll
+/// (about 0.4 s) after its process left. Panics with a clear message after
+/// `limit`.
+pub fn wait_readers_empty(patterns: &[String], limit: Duration) {
+    use card::transport::SlotState;
+    use card::transport::pcsc::{PcscMonitor, ReaderFilter, Sharing};
+    let mut monitor = PcscMonitor::new(ReaderFilter::new(patterns.iter().cloned(), [""; 0]), Sharing::Shared)
+        .expect("no pcscd: start one with `scripts/pcscd-vpcd.sh start 6` (scripts/test.sh does)");
+    let started = std::time::Instant::now();
+    for id in monitor.readers().expect("readers") {
+        let mut reader = monitor.open(&id).expect("open reader");
+        let mut state = reader.wait_change(&SlotState::Empty, Duration::ZERO).expect("reader state");
+        while state != SlotState::Empty {
+            assert!(started.elapsed() < limit, "reader {id} still holds a card after {limit:?}");
+            state = reader.wait_change(&state, Duration::from_millis(250)).expect("reader state");
+        }
+    }
+}

@@ -5,14 +5,15 @@
 //! to cards in real readers.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use card::transport::pcsc::{PcscMonitor, ReaderFilter, Sharing};
 use rig::vpcd::control;
 use rig::vpcd::feeder::{Feeder, FeederConfig};
 use station::handler::RigFeeder;
 use station::sim::{SimFaults, make_cards};
-use tapline_tests::{demo_profile, run_batch_on};
+use std::time::Duration;
+
+use tapline_tests::{demo_profile, run_batch_on, wait_readers_empty};
 
 /// The vpcd port base of the pcscd that scripts/pcscd-vpcd.sh started.
 fn port_base() -> u16 {
@@ -25,13 +26,9 @@ fn a_batch_through_pcscd_is_provisioned_and_bundled() {
     let base = port_base() + 2;
     let cards = make_cards(9, 4242, &SimFaults::default());
     let ids: std::collections::HashSet<String> = cards.iter().map(|c| c.id().to_hex()).collect();
-    let config = FeederConfig {
-        port_base: base,
-        readers: 4,
-        speed: 0.0,
-        mute_timeout: Duration::from_secs(2),
-        reinsert_gap: Duration::from_millis(1100),
-    };
+    let patterns = [format!("Tapline vpcd {base} *"), format!("Tapline vpcd {} *", base + 2)];
+    wait_readers_empty(&patterns, Duration::from_secs(5));
+    let config = FeederConfig::instant(base, 4);
     let feeder = Feeder::start(config, cards, Arc::new(|_| {}));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("control port");
     let control_addr = listener.local_addr().expect("addr");
@@ -52,9 +49,16 @@ fn a_batch_through_pcscd_is_provisioned_and_bundled() {
 
     assert_eq!(b.summary.outcomes.len(), 9, "{:#?}", b.summary.outcomes);
     assert_eq!(b.export.cards.len(), 9);
+    let failed: Vec<_> = b.summary.outcomes.iter().filter(|o| !o.passed()).collect();
+    assert!(failed.is_empty(), "{failed:#?}");
     for c in &b.export.cards {
         assert!(ids.contains(&c.card_id), "{c:?} was fed by this test");
-        assert_eq!((c.status.as_str(), c.stage.as_deref()), ("passed", Some("bundled")), "{c:?}");
+        assert_eq!(
+            (c.status.as_str(), c.stage.as_deref()),
+            ("passed", Some("bundled")),
+            "{c:?} {:#?}",
+            b.export.bundles
+        );
         assert!(c.reader.starts_with("Tapline vpcd "), "{c:?}");
         assert!(c.attested && c.self_tests);
     }

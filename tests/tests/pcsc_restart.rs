@@ -14,7 +14,7 @@ use card::transport::pcsc::{PcscMonitor, ReaderFilter, Sharing};
 use card::transport::{ReaderMonitor, SlotState};
 use rig::vpcd::feeder::{Feeder, FeederConfig};
 use station::sim::{SimFaults, make_cards};
-use tapline_tests::repo;
+use tapline_tests::{repo, wait_readers_empty};
 
 fn port_base() -> u16 {
     std::env::var("TAPLINE_VPCD_PORT").ok().and_then(|v| v.parse().ok()).unwrap_or(35963)
@@ -56,13 +56,8 @@ fn a_reader_survives_a_pcscd_restart_and_sees_the_card_again() {
     let base = port_base();
     let readers = 6;
     let port = base + 4;
-    let config = FeederConfig {
-        port_base: port,
-        readers: 1,
-        speed: 0.0,
-        mute_timeout: Duration::from_secs(2),
-        reinsert_gap: Duration::from_millis(1100),
-    };
+    wait_readers_empty(&[format!("Tapline vpcd {port} 00 00")], Duration::from_secs(5));
+    let config = FeederConfig::instant(port, 1);
     let feeder = Feeder::start(config, make_cards(1, 99, &SimFaults::default()), Arc::new(|_| {}));
     let name = format!("Tapline vpcd {port} 00 00");
     let mut monitor = PcscMonitor::new(ReaderFilter::new([name.clone()], [""; 0]), Sharing::Shared)
