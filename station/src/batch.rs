@@ -1,7 +1,7 @@
 //! A batch: one worker per reader, run until the target number of cards
 //! reached a final state (or a fatal error), then a summary.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use card::transport::{CardReader, ReaderId, ReaderMonitor, TransportError};
 use crate::handler::CardHandler;
 use crate::pairing::{self, BundleStatus};
 use crate::recipe::{CardOutcome, Recipe};
-use crate::worker::{self, Event, LaneState};
+use crate::worker::{self, Control, Event, LaneState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
@@ -102,6 +102,12 @@ impl Summary {
     }
 }
 
+/// A batch name derived from the time, e.g. `batch-2026-11-24T211800`.
+pub fn default_name() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("batch-{}", crate::ledger::format_utc(now.as_secs(), 0).trim_end_matches(".000Z").replace(':', ""))
+}
+
 /// Opens every reader the monitor lists.
 pub fn open_all(monitor: &mut dyn ReaderMonitor) -> Result<Vec<Box<dyn CardReader>>, TransportError> {
     monitor.readers()?.iter().map(|id| monitor.open(id)).collect()
@@ -116,19 +122,24 @@ pub struct Output {
 /// How often the batch looks for readers that appeared.
 const RELIST: Duration = Duration::from_secs(1);
 
+/// How often the batch looks at its control flags while no event comes.
+const TICK: Duration = Duration::from_millis(100);
+
 /// Runs one worker per reader the monitor lists (and for readers that
-/// appear later) until `target` cards reached a final state; with bundling
-/// on, a bundle coordinator pairs the ready cards. `on_event` sees every
-/// event (progress printing, later the dashboard).
+/// appear later) until `target` cards reached a final state, or, with no
+/// target, until the batch is drained through `control`; with bundling on,
+/// a bundle coordinator pairs the ready cards. `on_event` sees every event
+/// (progress lines, the live state model and metrics).
 pub fn run(
-    mut monitor: Box<dyn ReaderMonitor>,
+    monitor: &mut dyn ReaderMonitor,
     recipe: Arc<Recipe>,
     handler: Arc<dyn CardHandler>,
-    target: usize,
+    target: Option<usize>,
     output: Output,
+    control: Arc<Control>,
     mut on_event: impl FnMut(&Event),
 ) -> Result<Summary, BatchError> {
-    let readers = open_all(&mut *monitor).map_err(|e| BatchError::Fatal(format!("cannot list readers: {e}")))?;
+    let readers = open_all(monitor).map_err(|e| BatchError::Fatal(format!("cannot list readers: {e}")))?;
     if readers.is_empty() {
         return Err(BatchError::NoReaders);
     }
@@ -154,6 +165,7 @@ pub fn run(
         coordinator: coordinator.as_ref().map(|(c, _)| c.clone()),
         events: tx.clone(),
         stop: Arc::clone(&stop),
+        control: Arc::clone(&control),
     };
     let spawn = |reader: Box<dyn CardReader>| {
         let ctx = ctx.clone();
@@ -162,20 +174,48 @@ pub fn run(
             .spawn(move || worker::run(reader, ctx))
             .map_err(|e| BatchError::Fatal(format!("cannot start a worker thread: {e}")))
     };
-    let mut known: std::collections::HashSet<ReaderId> = readers.iter().map(|r| r.id().clone()).collect();
+    let mut known: HashSet<ReaderId> = readers.iter().map(|r| r.id().clone()).collect();
     let mut handles = Vec::with_capacity(readers.len());
     for reader in readers {
         handles.push(spawn(reader)?);
     }
     drop(tx);
     let mut last_list = Instant::now();
-    let mut outcomes = Vec::with_capacity(target);
-    let mut waiting = std::collections::HashSet::new();
+    let mut outcomes = Vec::with_capacity(target.unwrap_or(0));
+    // Readers with a card in its recipe, and with a card waiting for pairing.
+    let mut working = HashSet::new();
+    let mut waiting = HashSet::new();
     let mut offered = 0usize;
     let (mut sealed, mut aborted) = (Vec::new(), Vec::new());
     let mut told_no_more = false;
+    let mut interrupted = false;
     let mut fatal = None;
-    while outcomes.len() < target {
+    loop {
+        if target.is_some_and(|t| outcomes.len() >= t)
+            || (control.draining() && working.is_empty() && waiting.is_empty())
+        {
+            break;
+        }
+        if !interrupted && control.interrupted() {
+            interrupted = true;
+            recipe.interrupt();
+            if let Some((c, _)) = &coordinator {
+                c.stop();
+            }
+        }
+        // Every card has been through its recipe (the target is reached, or
+        // the batch drains and no card is in its recipe): no more will come
+        // to pair with the ones waiting, so the coordinator must not hold
+        // them.
+        if !told_no_more
+            && (target.is_some_and(|t| outcomes.len() + waiting.len() >= t)
+                || (control.draining() && working.is_empty()))
+        {
+            if let Some((c, _)) = &coordinator {
+                c.no_more_cards(offered);
+            }
+            told_no_more = true;
+        }
         // Readers plugged in while the batch runs get their own worker; a
         // reader that goes away leaves its worker reporting the error until
         // it comes back.
@@ -195,7 +235,7 @@ pub fn run(
                 }
             }
         }
-        let ev = match rx.recv_timeout(RELIST) {
+        let ev = match rx.recv_timeout(TICK) {
             Ok(ev) => ev,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
@@ -203,11 +243,16 @@ pub fn run(
         on_event(&ev);
         match ev {
             Event::Outcome(o) => {
+                working.remove(&o.reader);
                 waiting.remove(&o.reader);
                 outcomes.push(o);
             }
+            Event::Lane { reader, state: LaneState::Working } => {
+                working.insert(reader);
+            }
             Event::Lane { reader, state: LaneState::WaitingForPairing } => {
                 offered += 1;
+                working.remove(&reader);
                 waiting.insert(reader);
             }
             Event::Bundle { bundle, status: BundleStatus::Sealed, .. } => sealed.push(bundle),
@@ -217,14 +262,6 @@ pub fn run(
                 break;
             }
             _ => {}
-        }
-        // Every card has been through its recipe: no more will come to
-        // pair with the ones waiting, so the coordinator must not hold them.
-        if !told_no_more && outcomes.len() + waiting.len() >= target {
-            if let Some((c, _)) = &coordinator {
-                c.no_more_cards(offered);
-            }
-            told_no_more = true;
         }
     }
     let elapsed = started.elapsed();
@@ -240,8 +277,12 @@ pub fn run(
     for h in handles {
         let _ = h.join();
     }
+    // Events after the loop: a card released by the coordinator at the
+    // stop, a lane going idle. The caller sees them too.
     while let Ok(ev) = rx.try_recv() {
+        on_event(&ev);
         match ev {
+            Event::Outcome(o) => outcomes.push(o),
             Event::Bundle { bundle, status: BundleStatus::Sealed, .. } => sealed.push(bundle),
             Event::Bundle { bundle, status: BundleStatus::Aborted, .. } => aborted.push(bundle),
             _ => {}

@@ -35,7 +35,17 @@ impl CardHandler for ManualHandler {
 
 struct FeederState {
     queue: VecDeque<EmuCard>,
+    /// Where cards come from when the queue is empty (an endless hopper).
+    supply: Option<Box<dyn Iterator<Item = EmuCard> + Send>>,
+    /// Sorted cards are kept for tests; a long-running daemon drops them.
+    keep_bins: bool,
     bins: Vec<(Bin, EmuCard)>,
+}
+
+impl FeederState {
+    fn next(&mut self) -> Option<EmuCard> {
+        self.queue.pop_front().or_else(|| self.supply.as_mut().and_then(Iterator::next))
+    }
 }
 
 /// The emulated feeder/sorter over a bank of emulated readers.
@@ -47,7 +57,30 @@ pub struct EmuFeeder {
 impl EmuFeeder {
     /// A feeder with `cards` waiting in its input hopper.
     pub fn new(bank: EmuBank, cards: Vec<EmuCard>) -> Self {
-        Self { bank, state: Mutex::new(FeederState { queue: cards.into(), bins: Vec::new() }) }
+        Self {
+            bank,
+            state: Mutex::new(FeederState { queue: cards.into(), supply: None, keep_bins: true, bins: Vec::new() }),
+        }
+    }
+
+    /// A feeder with an endless hopper; sorted cards are dropped.
+    pub fn endless(bank: EmuBank, supply: Box<dyn Iterator<Item = EmuCard> + Send>) -> Self {
+        Self {
+            bank,
+            state: Mutex::new(FeederState {
+                queue: VecDeque::new(),
+                supply: Some(supply),
+                keep_bins: false,
+                bins: Vec::new(),
+            }),
+        }
+    }
+
+    /// Stops feeding: the hopper is emptied (cards on readers stay).
+    pub fn stop_feeding(&self) {
+        let mut st = self.lock();
+        st.queue.clear();
+        st.supply = None;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FeederState> {
@@ -59,7 +92,7 @@ impl EmuFeeder {
         let mut st = self.lock();
         for slot in self.bank.slots() {
             if !slot.is_occupied()
-                && let Some(card) = st.queue.pop_front()
+                && let Some(card) = st.next()
                 && let Err(card) = slot.insert(card)
             {
                 st.queue.push_front(*card);
@@ -84,10 +117,12 @@ impl CardHandler for EmuFeeder {
             return;
         };
         let mut st = self.lock();
-        if let Some(card) = slot.remove() {
+        if let Some(card) = slot.remove()
+            && st.keep_bins
+        {
             st.bins.push((bin, card));
         }
-        if let Some(next) = st.queue.pop_front()
+        if let Some(next) = st.next()
             && let Err(card) = slot.insert(next)
         {
             st.queue.push_front(*card);

@@ -3,13 +3,20 @@
 //! line. The `station` binary is a thin CLI over this library.
 
 pub mod batch;
+pub mod control;
+pub mod daemon;
 pub mod doctor;
 pub mod firmware;
 pub mod gp_tool;
 pub mod handler;
+pub mod http;
 pub mod ledger;
+pub mod live;
+pub mod metrics;
 pub mod pairing;
 pub mod profile;
 pub mod recipe;
+pub mod signals;
 pub mod sim;
+pub mod state;
 pub mod worker;

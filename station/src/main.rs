@@ -3,26 +3,51 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use card::transport::ReaderMonitor;
 use card::transport::pcsc::PcscMonitor;
 use clap::{Parser, Subcommand, ValueEnum};
 use station::batch::{self, Summary};
+use station::control::{Action, Controller, OneBatch};
+use station::daemon::Daemon;
+use station::daemon::config::DaemonConfig;
 use station::firmware::{self, Firmware};
 use station::gp_tool;
 use station::handler::{CardHandler, EmuFeeder, ManualHandler, RigFeeder};
+use station::http::{Api, Server};
 use station::ledger::{BatchInfo, Ledger, export};
+use station::live::Live;
 use station::profile::Profile;
 use station::recipe::{Progress, Recipe};
 use station::sim::{self, SimFaults};
-use station::worker::{Event, LaneState};
+use station::state::BatchStart;
+use station::worker::{Control, Event, LaneState};
 
 #[derive(Parser)]
 #[command(name = "station", version, about = "Tapline provisioning station")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on standard error (or the --log-file): human or json.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax, e.g. info or station=debug);
+    /// `trace` adds APDU traces with secrets redacted. RUST_LOG overrides.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Write logs to this file instead of standard error (the dashboard
+    /// owns the terminal; without this flag its logs go to the batch's
+    /// report folder).
+    #[arg(long, global = true, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -56,6 +81,17 @@ enum Command {
     Gp {
         #[command(subcommand)]
         command: GpCommand,
+    },
+    /// Run all shift: own the readers and the ledger, take batches through
+    /// the HTTP API (and `station dash --connect`); SIGTERM drains, SIGHUP
+    /// reloads the profiles.
+    Daemon {
+        /// The daemon's configuration (YAML; see deploy/station.yaml).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Seconds a SIGTERM waits for cards in flight before interrupting them.
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        drain_timeout: u64,
     },
 }
 
@@ -239,6 +275,17 @@ struct RunArgs {
     /// Folder for the batch's files (bundle labels); default reports/<batch>.
     #[arg(long)]
     report_dir: Option<PathBuf>,
+    /// Serve /metrics, /healthz and the API (/api/status, /api/actions) here
+    /// while the batch runs, e.g. 127.0.0.1:9464. A non-loopback address
+    /// needs --token.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// The API token: env:NAME or file:PATH (required on every /api/ request).
+    #[arg(long, value_name = "SOURCE")]
+    token: Option<String>,
+    /// The station id on metrics and the dashboard (default: the host name).
+    #[arg(long, value_name = "ID")]
+    station_id: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -311,11 +358,12 @@ enum ProfileCommand {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("station: {e:#}");
+        return std::process::ExitCode::FAILURE;
+    }
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("station: {e:#}");
@@ -324,9 +372,52 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Human or JSON logs to standard error or a file. The daemon logs at info
+/// by default, everything else at warn.
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let default = match (&cli.log_level, &cli.command) {
+        (Some(l), _) => l.clone(),
+        (None, Command::Daemon { .. }) => "info".into(),
+        (None, _) => "warn".into(),
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&default))
+        .with_context(|| format!("--log-level {default:?} is not a valid filter"))?;
+    // A dashboard on this terminal must not be scribbled over: its logs go
+    // to a file.
+    let log_file = match (&cli.log_file, &cli.command) {
+        (Some(f), _) => Some(f.clone()),
+        (None, Command::Run(args)) if dashboard_wanted(args) => Some(PathBuf::from("station.log")),
+        _ => None,
+    };
+    let writer = match log_file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot open log file {}", path.display()))?;
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(f))
+        }
+        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    match cli.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(true).init(),
+    }
+    Ok(())
+}
+
+fn dashboard_wanted(args: &RunArgs) -> bool {
+    !args.headless && std::io::stdout().is_terminal()
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run_batch(args),
+        Command::Daemon { config, drain_timeout } => run_daemon(&config, Duration::from_secs(drain_timeout)),
         Command::Ledger { command: LedgerCommand::Export { ledger, format, out } } => {
             let doc = export::export(&ledger)?;
             let text = match format {
@@ -592,11 +683,6 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn default_batch_name() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    format!("batch-{}", station::ledger::format_utc(now.as_secs(), 0).trim_end_matches(".000Z").replace(':', ""))
-}
-
 fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     let faults: SimFaults = args.sim_faults.parse()?;
     if args.sim == Some(0) {
@@ -608,10 +694,23 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     if !(0.0..=100.0).contains(&args.card_speed) {
         bail!("--card-speed {} is outside 0..=100", args.card_speed);
     }
+    let token = args.token.as_deref().map(resolve_token).transpose()?;
+    if let Some(addr) = args.listen
+        && !addr.ip().is_loopback()
+        && token.is_none()
+    {
+        bail!("--listen {addr} is not loopback: give --token env:NAME or file:PATH to protect the API");
+    }
     let profile = Arc::new(Profile::load(&args.profile)?);
     let fw = Arc::new(Firmware::load(&profile.firmware_dir, &profile.release_keys)?);
     let (ledger, writer) = Ledger::open(&args.ledger)?;
-    let name = args.batch.clone().unwrap_or_else(default_batch_name);
+    let station_id = args.station_id.clone().unwrap_or_else(host_name);
+    let live = Live::new(&station_id);
+    {
+        let live = Arc::clone(&live);
+        ledger.observe_writes(Arc::new(move |d| live.metrics().observe_ledger_write(d)));
+    }
+    let name = args.batch.clone().unwrap_or_else(batch::default_name);
     let batch_id = ledger.start_batch(BatchInfo {
         name: name.clone(),
         profile: args.profile.display().to_string(),
@@ -624,7 +723,7 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
         let _ = getrandom::fill(&mut b);
         u64::from_be_bytes(b) >> 16
     });
-    let (readers, handler, line): (Box<dyn ReaderMonitor>, Arc<dyn CardHandler>, String) = match args.sim {
+    let (mut readers, handler, line): (Box<dyn ReaderMonitor>, Arc<dyn CardHandler>, String) = match args.sim {
         Some(n) => {
             let bank = card::transport::emu::EmuBank::new(n, args.card_speed, profile.timeouts.apdu);
             let feeder = Arc::new(EmuFeeder::new(bank.clone(), sim::make_cards(args.cards, seed, &faults)));
@@ -652,25 +751,159 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
             (Box::new(monitor), handler, "PC/SC readers".to_string())
         }
     };
-    let recipe = Arc::new(Recipe::new(Arc::clone(&profile), Arc::clone(&fw), ledger.clone(), batch_id));
+    let profile_name =
+        args.profile.file_stem().map_or_else(|| "profile".to_string(), |s| s.to_string_lossy().into_owned());
+    live.set_profile(&profile_name);
+    {
+        let mut m = live.model();
+        m.set_profiles(vec![profile_name.clone()]);
+        if let Ok(ids) = readers.readers() {
+            m.set_readers(ids);
+        }
+        m.batch_started(
+            BatchStart { name: name.clone(), id: batch_id, profile: profile_name, target: Some(args.cards) },
+            std::time::Instant::now(),
+            std::time::SystemTime::now(),
+        );
+    }
+    live.publish();
+    let control = Control::new();
+    let controller: Arc<dyn Controller> = Arc::new(OneBatch { control: Arc::clone(&control), live: Arc::clone(&live) });
+    let server = match args.listen {
+        Some(addr) => Some(Server::start(
+            addr,
+            Api { live: Arc::clone(&live), controller: Arc::clone(&controller), token: token.map(Arc::new) },
+        )?),
+        None => None,
+    };
+    // The first SIGTERM/SIGINT drains the batch, the second interrupts the
+    // cards in flight (recorded failed-and-retryable).
+    let signals = station::signals::listen().context("cannot listen for signals")?;
+    {
+        let controller = Arc::clone(&controller);
+        std::thread::spawn(move || {
+            let mut terms = 0;
+            for sig in signals {
+                match sig {
+                    station::signals::Signal::Terminate => {
+                        terms += 1;
+                        let action = if terms == 1 { Action::Drain } else { Action::Stop };
+                        if let Ok(text) = controller.act(action) {
+                            eprintln!("station: {text}");
+                        }
+                    }
+                    station::signals::Signal::Reload => {
+                        tracing::warn!("SIGHUP: `station run` has no profiles to reload (the daemon has)")
+                    }
+                }
+            }
+        });
+    }
+    let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = live.start_ticker(Arc::clone(&ticker_stop));
     println!(
         "batch {name}: {} cards on {line}{}; ledger {}",
         args.cards,
         if faults.rates.is_empty() { String::new() } else { format!(", faults {faults}") },
         args.ledger.display()
     );
-    if !args.headless && std::io::stdout().is_terminal() {
+    if let Some(s) = &server {
+        println!("metrics and API on http://{}", s.addr);
+    }
+    if dashboard_wanted(&args) {
         println!("(the terminal dashboard is not built yet; printing progress lines)");
     }
     let total = args.cards;
     let mut done = 0usize;
     let report_dir = args.report_dir.clone().unwrap_or_else(|| PathBuf::from("reports").join(&name));
     let output = batch::Output { labels: profile.bundles.as_ref().map(|_| report_dir.join("labels")) };
-    let summary = batch::run(readers, recipe, handler, total, output, |ev| print_event(ev, &mut done, total))?;
+    let result = batch::run(
+        &mut *readers,
+        recipe_for(&profile, &fw, &ledger, batch_id),
+        handler,
+        Some(total),
+        output,
+        control,
+        |ev| {
+            live.on_event(ev);
+            print_event(ev, &mut done, total)
+        },
+    );
+    live.model().batch_finished(std::time::Instant::now(), std::time::SystemTime::now());
+    live.publish();
+    ticker_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = ticker.join();
+    let summary = result?;
     ledger.finish_batch(batch_id)?;
     drop(ledger);
     writer.close();
     print_summary(&summary, &args.ledger, &report_dir, profile.bundles.is_some());
+    if let Some(s) = server {
+        s.stop();
+    }
+    Ok(())
+}
+
+fn recipe_for(profile: &Arc<Profile>, fw: &Arc<Firmware>, ledger: &Ledger, batch_id: i64) -> Arc<Recipe> {
+    Arc::new(Recipe::new(Arc::clone(profile), Arc::clone(fw), ledger.clone(), batch_id))
+}
+
+/// The host name, for the default station id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "station".to_string())
+}
+
+/// An API token from env:NAME or file:PATH (never inline on a command line,
+/// where every user of the machine can read it).
+fn resolve_token(spec: &str) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    let t = if let Some(name) = spec.strip_prefix("env:") {
+        std::env::var(name).with_context(|| format!("--token: environment variable {name} is not set"))?
+    } else if let Some(path) = spec.strip_prefix("file:") {
+        std::fs::read_to_string(path).with_context(|| format!("--token: cannot read {path}"))?.trim().to_string()
+    } else {
+        bail!("--token: give env:NAME or file:PATH (a token on the command line is visible to every user)");
+    };
+    if t.len() < 16 {
+        bail!("--token: the token must be at least 16 characters");
+    }
+    Ok(zeroize::Zeroizing::new(t))
+}
+
+fn run_daemon(config: &Path, grace: Duration) -> anyhow::Result<()> {
+    let cfg = DaemonConfig::load(config)?;
+    let live = Live::new(&cfg.station_id);
+    let signals = station::signals::listen().context("cannot listen for signals")?;
+    let running = Daemon::start(cfg.clone(), Arc::clone(&live))?;
+    let api = Api {
+        live: Arc::clone(&live),
+        controller: Arc::clone(&running.daemon) as Arc<dyn Controller>,
+        token: cfg.token.clone().map(Arc::new),
+    };
+    let server = Server::start(cfg.listen, api)?;
+    let ticker_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = live.start_ticker(Arc::clone(&ticker_stop));
+    tracing::info!(station = %cfg.station_id, addr = %server.addr, config = %config.display(), "station daemon running");
+    println!("station daemon {} on http://{} (SIGTERM drains, SIGHUP reloads profiles)", cfg.station_id, server.addr);
+    for sig in signals {
+        match sig {
+            station::signals::Signal::Reload => {
+                let _ = running.daemon.reload();
+            }
+            station::signals::Signal::Terminate => {
+                tracing::info!("SIGTERM: draining and shutting down");
+                break;
+            }
+        }
+    }
+    Daemon::shutdown(running, grace);
+    server.stop();
+    ticker_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = ticker.join();
+    tracing::info!("station daemon stopped");
     Ok(())
 }
 
@@ -713,6 +946,7 @@ fn print_event(ev: &Event, done: &mut usize, total: usize) {
         Event::Fatal { reader, error } => println!("{reader}: FATAL {error}"),
         Event::Progress { progress: Progress::Load { .. }, .. }
         | Event::Progress { .. }
+        | Event::Apdus { .. }
         | Event::Lane { .. }
         | Event::Bundle { .. } => {}
     }

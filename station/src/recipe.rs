@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use card::gp::StatusScope;
@@ -83,7 +84,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(step: Step, reason: impl Into<String>, detail: impl Into<String>, retryable: bool) -> Self {
+    pub fn new(step: Step, reason: impl Into<String>, detail: impl Into<String>, retryable: bool) -> Self {
         Self { step, reason: reason.into(), detail: detail.into(), retryable }
     }
 
@@ -157,7 +158,16 @@ impl CardOutcome {
 pub enum Progress {
     Card(CardId),
     Step(Step),
-    Load { sent: usize, total: usize },
+    Load {
+        sent: usize,
+        total: usize,
+    },
+    /// A step ended (for the step duration metrics).
+    StepDone {
+        step: Step,
+        elapsed: Duration,
+        ok: bool,
+    },
 }
 
 /// The ledger could not record: the station must stop taking cards.
@@ -172,6 +182,9 @@ pub struct Recipe {
     pub ledger: Ledger,
     pub batch_id: i64,
     ring: KeyRing,
+    /// Set when the station stops: cards in flight end at their next step,
+    /// recorded failed-and-retryable.
+    interrupt: AtomicBool,
 }
 
 impl fmt::Debug for Recipe {
@@ -205,6 +218,7 @@ struct Attempt<'a> {
     card: CardId,
     attempt: u32,
     reader: &'a str,
+    interrupt: &'a AtomicBool,
 }
 
 impl Attempt<'_> {
@@ -215,9 +229,18 @@ impl Attempt<'_> {
         progress: &mut dyn FnMut(Progress),
         work: impl FnOnce(&mut dyn FnMut(Progress)) -> Result<(T, String, CardUpdate), Failure>,
     ) -> Result<Result<T, Failure>, LedgerDown> {
+        if self.interrupt.load(Ordering::Relaxed) {
+            let f =
+                Failure::new(step, "interrupted", "the station stopped before this step; insert the card again", true);
+            self.ledger.fail(self.card, self.attempt, step.name(), &f.reason, &f.detail, f.retryable)?;
+            return Ok(Err(f));
+        }
         progress(Progress::Step(step));
+        let started = Instant::now();
         self.ledger.step(self.card, self.attempt, step.name(), StepEvent::Intent, "", self.reader)?;
-        match work(progress) {
+        let result = work(progress);
+        progress(Progress::StepDone { step, elapsed: started.elapsed(), ok: result.is_ok() });
+        match result {
             Ok((value, detail, update)) => {
                 self.ledger.step_done(self.card, self.attempt, step.name(), &detail, update)?;
                 Ok(Ok(value))
@@ -243,7 +266,12 @@ macro_rules! step {
 impl Recipe {
     pub fn new(profile: Arc<Profile>, firmware: Arc<Firmware>, ledger: Ledger, batch_id: i64) -> Self {
         let ring = profile.key_ring();
-        Self { profile, firmware, ledger, batch_id, ring }
+        Self { profile, firmware, ledger, batch_id, ring, interrupt: AtomicBool::new(false) }
+    }
+
+    /// Stops every card in flight at its next step (station stopping).
+    pub fn interrupt(&self) {
+        self.interrupt.store(true, Ordering::Relaxed);
     }
 
     /// Runs the recipe on the card behind `t`. Card failures are outcomes;
@@ -302,7 +330,13 @@ impl Recipe {
         }
         let attempt = prior.as_ref().map_or(1, |p| p.attempts + 1);
         outcome.attempt = attempt;
-        let a = Attempt { ledger: &self.ledger, card: card_id, attempt, reader: reader.as_str() };
+        let a = Attempt {
+            ledger: &self.ledger,
+            card: card_id,
+            attempt,
+            reader: reader.as_str(),
+            interrupt: &self.interrupt,
+        };
         match self.steps(&a, t, prior.as_ref(), started, progress)? {
             Ok((passed, ready)) => {
                 outcome.result = Ok(passed);

@@ -143,50 +143,69 @@ fn uniform(rng: &mut Drbg) -> f64 {
 /// Makes the cards of an emulated batch: each card gets at most one fault,
 /// chosen with the given rates.
 pub fn make_cards(count: usize, seed: u64, faults: &SimFaults) -> Vec<EmuCard> {
-    let mut factory = ChipFactory::new(seed);
-    let mut rng = Drbg::new({
-        let mut s = [0u8; 32];
-        s[..8].copy_from_slice(&seed.to_be_bytes());
-        s[8..].copy_from_slice(b"tapline sim fault mix v1");
-        s
-    });
-    (0..count)
-        .map(|_| {
-            let u = uniform(&mut rng);
-            let mut acc = 0.0;
-            let chosen = faults.rates.iter().find(|(_, r)| {
-                acc += r;
-                u < acc
-            });
-            let mut f = CardFaults::default();
-            let mut kind = ChipKind::Genuine;
-            let mut latency = LatencyModel::JCOP4;
-            match chosen.map(|(k, _)| *k) {
-                None => {}
-                Some(SimFault::Counterfeit) => kind = ChipKind::Counterfeit,
-                Some(SimFault::Expired) => kind = ChipKind::Expired,
-                Some(SimFault::WrongKeys) => kind = ChipKind::WrongDefaultKeys,
-                Some(SimFault::Tear) => {
-                    // Somewhere in the recipe's first hundred APDUs: mostly
-                    // inside LOAD, where a real operator most often yanks.
-                    let at = 3 + (uniform(&mut rng) * 97.0) as u64;
-                    let point = if uniform(&mut rng) < 0.5 { TearPoint::Before } else { TearPoint::After };
-                    f.remove_at = Some((at, point));
-                }
-                Some(SimFault::SelfTest) => f.failing_kat = true,
-                Some(SimFault::Mute) => f.mute_from = Some(3 + (uniform(&mut rng) * 60.0) as u64),
-                Some(SimFault::Reset) => f.reset_at = Some(3 + (uniform(&mut rng) * 97.0) as u64),
-                Some(SimFault::Rng) => f.stuck_rng = true,
-                Some(SimFault::BadSignature) => f.bad_signature = true,
-                Some(SimFault::Memory) => f.bad_memory = true,
-                Some(SimFault::Slow) => latency = LatencyModel::SLOW,
-                Some(SimFault::FullMemory) => f.wrong_sw = Some((card::gp::ins::LOAD, StatusWord::NOT_ENOUGH_MEMORY)),
+    CardSupply::new(seed, faults.clone()).take(count).collect()
+}
+
+/// An endless hopper of emulated cards (the daemon's emulated feeder):
+/// the same cards `make_cards` makes, one at a time.
+pub struct CardSupply {
+    factory: ChipFactory,
+    rng: Drbg,
+    faults: SimFaults,
+}
+
+impl CardSupply {
+    pub fn new(seed: u64, faults: SimFaults) -> Self {
+        let factory = ChipFactory::new(seed);
+        let rng = Drbg::new({
+            let mut s = [0u8; 32];
+            s[..8].copy_from_slice(&seed.to_be_bytes());
+            s[8..].copy_from_slice(b"tapline sim fault mix v1");
+            s
+        });
+        Self { factory, rng, faults }
+    }
+}
+
+impl Iterator for CardSupply {
+    type Item = EmuCard;
+
+    fn next(&mut self) -> Option<EmuCard> {
+        let (factory, rng, faults) = (&mut self.factory, &mut self.rng, &self.faults);
+        let u = uniform(rng);
+        let mut acc = 0.0;
+        let chosen = faults.rates.iter().find(|(_, r)| {
+            acc += r;
+            u < acc
+        });
+        let mut f = CardFaults::default();
+        let mut kind = ChipKind::Genuine;
+        let mut latency = LatencyModel::JCOP4;
+        match chosen.map(|(k, _)| *k) {
+            None => {}
+            Some(SimFault::Counterfeit) => kind = ChipKind::Counterfeit,
+            Some(SimFault::Expired) => kind = ChipKind::Expired,
+            Some(SimFault::WrongKeys) => kind = ChipKind::WrongDefaultKeys,
+            Some(SimFault::Tear) => {
+                // Somewhere in the recipe's first hundred APDUs: mostly
+                // inside LOAD, where a real operator most often yanks.
+                let at = 3 + (uniform(rng) * 97.0) as u64;
+                let point = if uniform(rng) < 0.5 { TearPoint::Before } else { TearPoint::After };
+                f.remove_at = Some((at, point));
             }
-            let mut card = factory.make(kind, f);
-            card.set_latency(latency);
-            card
-        })
-        .collect()
+            Some(SimFault::SelfTest) => f.failing_kat = true,
+            Some(SimFault::Mute) => f.mute_from = Some(3 + (uniform(rng) * 60.0) as u64),
+            Some(SimFault::Reset) => f.reset_at = Some(3 + (uniform(rng) * 97.0) as u64),
+            Some(SimFault::Rng) => f.stuck_rng = true,
+            Some(SimFault::BadSignature) => f.bad_signature = true,
+            Some(SimFault::Memory) => f.bad_memory = true,
+            Some(SimFault::Slow) => latency = LatencyModel::SLOW,
+            Some(SimFault::FullMemory) => f.wrong_sw = Some((card::gp::ins::LOAD, StatusWord::NOT_ENOUGH_MEMORY)),
+        }
+        let mut card = factory.make(kind, f);
+        card.set_latency(latency);
+        Some(card)
+    }
 }
 
 #[cfg(test)]

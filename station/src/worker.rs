@@ -4,9 +4,10 @@
 //! the `CardHandler`, and reports everything as events. A failing, hostile
 //! or panicking card only ever affects its own reader.
 
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use card::CardId;
@@ -26,6 +27,10 @@ pub enum LaneState {
     Pass,
     Fail,
     RemoveCard,
+    /// The operator paused the reader: a card on it waits untouched.
+    Paused,
+    /// The station is draining or the batch is over: no new card is taken.
+    Idle,
     ReaderError(String),
 }
 
@@ -47,6 +52,11 @@ pub enum Event {
         status: BundleStatus,
         members: Vec<CardId>,
     },
+    /// APDUs exchanged with one card (its recipe and pairing).
+    Apdus {
+        reader: ReaderId,
+        count: u64,
+    },
     /// The station cannot go on (the ledger stopped recording).
     Fatal {
         reader: ReaderId,
@@ -57,6 +67,57 @@ pub enum Event {
 /// How often a worker looks at its stop flag while waiting.
 const POLL: Duration = Duration::from_millis(200);
 
+/// How the operator steers the workers of a batch: pause a reader, drain
+/// (finish the cards in flight, take no new ones), interrupt (cards in
+/// flight stop at their next step and are recorded failed-and-retryable).
+/// Shared by the batch, the dashboard and the API.
+#[derive(Debug, Default)]
+pub struct Control {
+    drain: AtomicBool,
+    interrupt: AtomicBool,
+    paused: Mutex<HashSet<String>>,
+}
+
+impl Control {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn drain(&self) {
+        self.drain.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.drain.load(Ordering::Relaxed)
+    }
+
+    /// Drains and stops the cards in flight at their next step.
+    pub fn interrupt(&self) {
+        self.drain();
+        self.interrupt.store(true, Ordering::Relaxed);
+    }
+
+    pub fn interrupted(&self) -> bool {
+        self.interrupt.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.paused.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn set_paused(&self, reader: &str, paused: bool) {
+        if paused {
+            self.lock().insert(reader.to_string());
+        } else {
+            self.lock().remove(reader);
+        }
+    }
+
+    pub fn is_paused(&self, reader: &str) -> bool {
+        self.lock().contains(reader)
+    }
+}
+
 /// What a worker needs besides its reader.
 #[derive(Clone)]
 pub struct Context {
@@ -65,6 +126,29 @@ pub struct Context {
     pub coordinator: Option<Coordinator>,
     pub events: Sender<Event>,
     pub stop: Arc<AtomicBool>,
+    pub control: Arc<Control>,
+}
+
+/// Counts the APDUs a card exchanges (GET RESPONSE included: each is a
+/// round trip on the reader).
+struct Counted<'a> {
+    inner: &'a mut dyn Transport,
+    apdus: u64,
+}
+
+impl Transport for Counted<'_> {
+    fn transmit_raw(&mut self, apdu: &[u8]) -> Result<Vec<u8>, card::transport::TransportError> {
+        self.apdus += 1;
+        self.inner.transmit_raw(apdu)
+    }
+
+    fn atr(&self) -> &card::transport::Atr {
+        self.inner.atr()
+    }
+
+    fn reset(&mut self) -> Result<(), card::transport::TransportError> {
+        self.inner.reset()
+    }
 }
 
 pub fn run(mut reader: Box<dyn CardReader>, ctx: Context) {
@@ -89,8 +173,27 @@ pub fn run(mut reader: Box<dyn CardReader>, ctx: Context) {
         }
         known = state.clone();
         if state == SlotState::Empty {
-            lane(LaneState::InsertCard);
+            lane(if ctx.control.draining() { LaneState::Idle } else { LaneState::InsertCard });
             continue;
+        }
+        // A new card: not taken while draining or while the reader is
+        // paused (it waits on the reader until resumed).
+        if ctx.control.draining() {
+            lane(LaneState::Idle);
+            continue;
+        }
+        if ctx.control.is_paused(id.as_str()) {
+            lane(LaneState::Paused);
+            while ctx.control.is_paused(id.as_str()) && !ctx.stop.load(Ordering::Relaxed) && !ctx.control.draining() {
+                std::thread::sleep(POLL);
+            }
+            let now = reader.wait_change(&known, Duration::ZERO);
+            if ctx.stop.load(Ordering::Relaxed) || ctx.control.draining() || !now.is_ok_and(|s| s == known) {
+                // Gone meanwhile, or no longer wanted: look again.
+                known = SlotState::Empty;
+                lane(LaneState::InsertCard);
+                continue;
+            }
         }
         lane(LaneState::Working);
         let mut tries = 0;
@@ -136,7 +239,7 @@ fn process(reader: &mut dyn CardReader, ctx: &Context) -> Result<CardOutcome, St
         attempt: 0,
         ready: None,
     };
-    let mut transport = match reader.connect() {
+    let mut connected = match reader.connect() {
         Ok(t) => t,
         Err(e) => {
             let retryable = e.is_retryable();
@@ -148,10 +251,30 @@ fn process(reader: &mut dyn CardReader, ctx: &Context) -> Result<CardOutcome, St
             }));
         }
     };
+    let mut transport = Counted { inner: &mut *connected, apdus: 0 };
+    let outcome = run_card(&id, &mut transport, ctx, started);
+    let _ = ctx.events.send(Event::Apdus { reader: id.clone(), count: transport.apdus });
+    outcome
+}
+
+fn run_card(
+    id: &ReaderId,
+    transport: &mut Counted<'_>,
+    ctx: &Context,
+    started: Instant,
+) -> Result<CardOutcome, String> {
+    let failed = |f: Failure| CardOutcome {
+        reader: id.clone(),
+        card_id: None,
+        result: Err(f),
+        elapsed: started.elapsed(),
+        attempt: 0,
+        ready: None,
+    };
     let mut progress = |p: Progress| {
         let _ = ctx.events.send(Event::Progress { reader: id.clone(), progress: p });
     };
-    let run = std::panic::catch_unwind(AssertUnwindSafe(|| ctx.recipe.run(&id, &mut *transport, &mut progress)));
+    let run = std::panic::catch_unwind(AssertUnwindSafe(|| ctx.recipe.run(id, &mut *transport, &mut progress)));
     let mut outcome = match run {
         Ok(Ok(outcome)) => outcome,
         Ok(Err(ledger_down)) => return Err(ledger_down.to_string()),
@@ -167,7 +290,12 @@ fn process(reader: &mut dyn CardReader, ctx: &Context) -> Result<CardOutcome, St
     };
     if let (Some(ready), Some(coordinator)) = (outcome.ready.take(), &ctx.coordinator) {
         let _ = ctx.events.send(Event::Lane { reader: id.clone(), state: LaneState::WaitingForPairing });
-        outcome.result = serve_pairing(&id, &mut *transport, coordinator, *ready);
+        let paired = Instant::now();
+        outcome.result = serve_pairing(id, &mut *transport, coordinator, *ready);
+        let _ = ctx.events.send(Event::Progress {
+            reader: id.clone(),
+            progress: Progress::StepDone { step: Step::Pairing, elapsed: paired.elapsed(), ok: outcome.passed() },
+        });
         outcome.elapsed = started.elapsed();
     }
     Ok(outcome)

@@ -17,6 +17,7 @@ use station::ledger::export::{self, Export};
 use station::ledger::{BatchInfo, Ledger};
 use station::profile::Profile;
 use station::recipe::Recipe;
+use station::worker::Control;
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -60,7 +61,7 @@ pub fn run_batch(profile: Arc<Profile>, readers: usize, cards: Vec<EmuCard>, spe
 /// in this process).
 pub fn run_batch_on(
     profile: Arc<Profile>,
-    monitor: Box<dyn ReaderMonitor>,
+    mut monitor: Box<dyn ReaderMonitor>,
     handler: Arc<dyn CardHandler>,
     target: usize,
 ) -> Batch {
@@ -79,7 +80,8 @@ pub fn run_batch_on(
         .expect("batch");
     let recipe = Arc::new(Recipe::new(profile, Arc::clone(&firmware), ledger.clone(), batch_id));
     let output = batch::Output { labels: Some(dir.path().join("labels")) };
-    let summary = batch::run(monitor, recipe, handler, target, output, |_| {}).expect("batch runs");
+    let summary =
+        batch::run(&mut *monitor, recipe, handler, Some(target), output, Control::new(), |_| {}).expect("batch runs");
     ledger.finish_batch(batch_id).expect("finish");
     drop(ledger);
     writer.close();

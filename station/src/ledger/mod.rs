@@ -9,6 +9,7 @@ pub mod export;
 mod schema;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -140,7 +141,12 @@ struct Request {
 pub struct Ledger {
     tx: Sender<Request>,
     path: PathBuf,
+    observer: Arc<OnceLock<WriteObserver>>,
 }
+
+/// Sees how long each ledger write took, from request to durable commit
+/// (the `tapline_ledger_write_seconds` metric).
+pub type WriteObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
 
 /// Owns the writer thread; dropping every `Ledger` and calling `close`
 /// stops it after the last commit.
@@ -200,19 +206,30 @@ impl Ledger {
             .name("ledger-writer".into())
             .spawn(move || writer(conn, rx, thread_path))
             .map_err(|e| LedgerError::Refused { path: path.to_path_buf(), detail: e.to_string() })?;
-        Ok((Ledger { tx, path: path.to_path_buf() }, LedgerWriter { handle }))
+        Ok((Ledger { tx, path: path.to_path_buf(), observer: Arc::default() }, LedgerWriter { handle }))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Sets the observer of write latencies (once; later calls are ignored).
+    pub fn observe_writes(&self, observer: WriteObserver) {
+        let _ = self.observer.set(observer);
+    }
+
     fn call(&self, op: Op) -> Result<Reply, LedgerError> {
+        let started = std::time::Instant::now();
         let (reply, rx) = crossbeam_channel::bounded(1);
         self.tx.send(Request { op, reply }).map_err(|_| LedgerError::WriterGone)?;
-        rx.recv()
+        let r = rx
+            .recv()
             .map_err(|_| LedgerError::WriterGone)?
-            .map_err(|detail| LedgerError::Refused { path: self.path.clone(), detail })
+            .map_err(|detail| LedgerError::Refused { path: self.path.clone(), detail });
+        if let Some(o) = self.observer.get() {
+            o(started.elapsed());
+        }
+        r
     }
 
     pub fn start_batch(&self, info: BatchInfo) -> Result<i64, LedgerError> {
