@@ -11,5 +11,6 @@ pub mod ledger;
 pub mod pairing;
 pub mod profile;
 pub mod recipe;
+pub mod report;
 pub mod sim;
 pub mod worker;
