@@ -578,7 +578,8 @@ pub fn pareto_svg(items: &[ParetoItem]) -> String {
             s,
             "<g class=\"bar\"><title>{rank}. {step}: {reason}: {n} ({cum:.1}% cumulative)</title>\
              <rect x=\"{bx}\" y=\"{by}\" width=\"{bw}\" height=\"{bh}\" fill=\"#d62728\"/>\
-             <text x=\"{cx}\" y=\"{ly}\" text-anchor=\"middle\" class=\"tick\">{rank}</text></g>",
+             <text x=\"{cx}\" y=\"{ly}\" text-anchor=\"middle\" class=\"tick\">{rank}</text>\
+             <text x=\"{cx}\" y=\"{ny}\" text-anchor=\"middle\" class=\"tick\">{n}</text></g>",
             rank = i + 1,
             step = escape(&it.step),
             reason = escape(&it.reason),
@@ -589,7 +590,8 @@ pub fn pareto_svg(items: &[ParetoItem]) -> String {
             bw = num(slot * 0.7),
             bh = num(y(0.0) - y(it.count as f64)),
             cx = num(bx + slot * 0.35),
-            ly = num(y(0.0) + 30.0),
+            ly = num(y(0.0) + 16.0),
+            ny = num(y(it.count as f64) - 4.0),
         );
         let _ = write!(
             line,
