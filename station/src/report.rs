@@ -763,8 +763,8 @@ pub fn render_markdown(r: &Report) -> String {
 
 const CSS: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}\
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.2em .6em;text-align:left}\
-td.n{text-align:right}code,.mono{font-family:monospace}figure{margin:1em 0}figcaption{font-weight:bold}\
-svg.chart{border:1px solid #ddd;background:#fff}svg .tick{font-size:11px;fill:#333}svg .label{font-size:12px;fill:#333}\
+td{overflow-wrap:anywhere}td.n{text-align:right}code,.mono{font-family:monospace}figure{margin:1em 0}figcaption{font-weight:bold}\
+svg.chart{border:1px solid #ddd;background:#fff;max-width:100%;height:auto}svg .tick{font-size:11px;fill:#333}svg .label{font-size:12px;fill:#333}\
 svg .muted{font-size:14px;fill:#888}.note{background:#fff3cd;padding:.5em}";
 
 /// `report.html`: self-contained (inline CSS and SVG, no scripts, nothing
