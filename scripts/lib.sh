@@ -4,6 +4,10 @@
 # bundled SQLite, pkg-config for -sys crates, and the PC/SC client library.
 BUILD_PACKAGES=(build-essential pkg-config libpcsclite-dev)
 
+# What the tests need on top: a headless browser that renders the batch
+# report's HTML (station/tests/report.rs).
+TEST_PACKAGES=(chromium)
+
 # as_root CMD...: runs CMD as root (sudo when not root).
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, then every test of the workspace
-# (unit tests, card emulator tests, station CLI tests, end-to-end batches),
+# (unit tests, card emulator tests, station CLI tests, end-to-end batches,
+# the batch report rendered by headless Chromium),
 # including the tests through the real PC/SC stack: this script starts a
 # private pcscd with 6 vpcd virtual readers (scripts/pcscd-vpcd.sh) for them
 # and stops it again at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
-need_packages "${BUILD_PACKAGES[@]}"
+need_packages "${BUILD_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 need_rust
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

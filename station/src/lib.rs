@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod pairing;
 pub mod profile;
 pub mod recipe;
+pub mod report;
 pub mod signals;
 pub mod sim;
 pub mod state;

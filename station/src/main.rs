@@ -59,6 +59,19 @@ enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Write a batch's report folder (report.md, report.html with charts, the
+    /// batch's ledger export) from the ledger.
+    Report {
+        #[arg(long, default_value = "tapline-ledger.db")]
+        ledger: PathBuf,
+        /// The batch's name, or its id (`batches.id`).
+        #[arg(long, value_name = "ID_OR_NAME")]
+        batch: String,
+        /// Folder to write to (default reports/<batch name>, where `station
+        /// run` put the bundle labels).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Inspect, verify and pack firmware.
     Firmware {
         #[command(subcommand)]
@@ -430,6 +443,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Report { ledger, batch, out } => report_command(&ledger, &batch, out),
         Command::Firmware { command } => firmware_command(command),
         Command::Gp { command } => gp_command(command),
         Command::Doctor { profile, json } => {
@@ -466,6 +480,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn report_command(ledger: &Path, batch: &str, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = match out {
+        Some(d) => d,
+        None => PathBuf::from("reports").join(station::ledger::read::find_batch(ledger, batch)?.name),
+    };
+    let files = station::report::write_batch_report(ledger, batch, &dir)?;
+    println!("report of batch {batch} in {}:", files.dir.display());
+    for f in [&files.markdown, &files.html, &files.export_json, &files.export_csv] {
+        println!("  {}", f.display());
+    }
+    println!("  {} bundle label(s) in {}", files.labels.len(), files.dir.join("labels").display());
+    Ok(())
 }
 
 fn firmware_command(command: FirmwareCommand) -> anyhow::Result<()> {
@@ -838,6 +866,10 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     drop(ledger);
     writer.close();
     print_summary(&summary, &args.ledger, &report_dir, profile.bundles.is_some());
+    match station::report::write_batch_report(&args.ledger, &name, &report_dir) {
+        Ok(files) => println!("  batch report:     {}", files.html.display()),
+        Err(e) => eprintln!("station: cannot write the batch report: {e}"),
+    }
     if let Some(s) = server {
         s.stop();
     }

@@ -313,6 +313,21 @@ impl Daemon {
         {
             tracing::error!(dir = %report_dir.display(), error = %e, "cannot write the batch summary");
         }
+        match crate::report::write_batch_report(ledger.path(), &req.name, &report_dir) {
+            Ok(files) => {
+                tracing::info!(report = %files.html.display(), "batch report written");
+                self.live.model().log(
+                    SystemTime::now(),
+                    Level::Info,
+                    None,
+                    format!("batch report: {}", files.html.display()),
+                );
+            }
+            Err(e) => {
+                tracing::error!(batch = %req.name, error = %e, "cannot write the batch report");
+                self.live.model().log(SystemTime::now(), Level::Error, None, format!("batch report failed: {e}"));
+            }
+        }
         Ok(())
     }
 }

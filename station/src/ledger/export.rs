@@ -68,7 +68,7 @@ pub struct StepExport {
     pub at: String,
 }
 
-fn open_read(path: &Path) -> Result<rusqlite::Connection, LedgerError> {
+pub(super) fn open_read(path: &Path) -> Result<rusqlite::Connection, LedgerError> {
     if !path.exists() {
         return Err(LedgerError::Refused { path: path.to_path_buf(), detail: "no such ledger file".into() });
     }

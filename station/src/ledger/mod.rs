@@ -6,6 +6,7 @@
 //! costs one fsync per round, not per card.
 
 pub mod export;
+pub mod read;
 mod schema;
 
 use std::path::{Path, PathBuf};
