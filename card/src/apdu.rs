@@ -153,6 +153,37 @@ impl fmt::Debug for Command {
     }
 }
 
+/// A raw command APDU as an APDU trace shows it: the header, the data
+/// length, and the data itself only for commands whose data is public
+/// (SELECT by AID, GET DATA, GET STATUS with CLA 00/80, unsecured).
+/// Anything else (keys in PUT KEY, wrapped secure-channel data, wallet
+/// transfers, access codes) shows as its length only.
+pub fn trace_command(raw: &[u8]) -> String {
+    if raw.len() < 4 {
+        return format!("<{} bytes, too short>", raw.len());
+    }
+    let (cla, ins) = (raw[0], raw[1]);
+    let header = format!("{:02X} {:02X} {:02X} {:02X}", cla, ins, raw[2], raw[3]);
+    let body = &raw[4..];
+    let public = matches!(cla, 0x00 | 0x80) && matches!(ins, 0xA4 | 0xCA | 0xF2);
+    if body.is_empty() {
+        header
+    } else if public {
+        format!("{header} | {}", hex::encode_upper(body))
+    } else {
+        format!("{header} | <{} bytes redacted>", body.len())
+    }
+}
+
+/// A raw response as an APDU trace shows it: its length and status word,
+/// never its data (it may carry wallet or key material).
+pub fn trace_response(raw: &[u8]) -> String {
+    match raw.len() {
+        0 | 1 => format!("<{} bytes, too short>", raw.len()),
+        n => format!("<{} bytes> {:02X}{:02X}", n - 2, raw[n - 2], raw[n - 1]),
+    }
+}
+
 /// A response APDU: body plus status word.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Response {
@@ -263,5 +294,22 @@ mod tests {
         assert!(r.is_ok());
         assert_eq!(r.to_bytes(), [1, 2, 0x90, 0x00]);
         assert!(Response::parse(&[0x90]).is_err());
+    }
+
+    #[test]
+    fn traces_show_public_data_and_redact_the_rest() {
+        let select = [0x00, 0xA4, 0x04, 0x00, 0x03, 0xA0, 0x00, 0x01, 0x00];
+        assert_eq!(trace_command(&select), "00 A4 04 00 | 03A0000100");
+        // PUT KEY carrying a key: the bytes never show.
+        let mut put_key = vec![0x84, 0xD8, 0x01, 0x81, 0x10];
+        put_key.extend([0x40; 16]);
+        let t = trace_command(&put_key);
+        assert_eq!(t, "84 D8 01 81 | <17 bytes redacted>");
+        assert!(!t.contains("4040"));
+        // A secured SELECT (CLA 84) is wrapped: redacted too.
+        assert!(trace_command(&[0x84, 0xA4, 0x04, 0x00, 0x01, 0xAA]).contains("redacted"));
+        assert_eq!(trace_command(&[0x80, 0xCA, 0x9F, 0x7F]), "80 CA 9F 7F");
+        assert_eq!(trace_response(&[0xDE, 0xAD, 0x90, 0x00]), "<2 bytes> 9000");
+        assert_eq!(trace_response(&[0x6A]), "<1 bytes, too short>");
     }
 }

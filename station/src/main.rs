@@ -404,6 +404,7 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
         (None, Command::Run(args)) if dashboard_wanted(args) => Some(PathBuf::from("station.log")),
         _ => None,
     };
+    let ansi = log_file.is_none() && std::io::stderr().is_terminal();
     let writer = match log_file {
         Some(path) => {
             let f = std::fs::OpenOptions::new()
@@ -415,7 +416,7 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
         }
         None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match cli.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(true).init(),

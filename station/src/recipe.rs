@@ -312,6 +312,7 @@ impl Recipe {
         };
         let card_id = cplc.card_id();
         outcome.card_id = Some(card_id);
+        let _span = tracing::info_span!("card", card = %card_id).entered();
         progress(Progress::Card(card_id));
         let atr = hex::encode_upper(&t.atr().0);
         let prior =

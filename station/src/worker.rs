@@ -139,6 +139,15 @@ struct Counted<'a> {
 impl Transport for Counted<'_> {
     fn transmit_raw(&mut self, apdu: &[u8]) -> Result<Vec<u8>, card::transport::TransportError> {
         self.apdus += 1;
+        if tracing::enabled!(tracing::Level::TRACE) {
+            tracing::trace!(command = %card::apdu::trace_command(apdu), "apdu >>");
+            let r = self.inner.transmit_raw(apdu);
+            match &r {
+                Ok(resp) => tracing::trace!(response = %card::apdu::trace_response(resp), "apdu <<"),
+                Err(e) => tracing::trace!(error = %e, "apdu failed"),
+            }
+            return r;
+        }
         self.inner.transmit_raw(apdu)
     }
 
@@ -153,6 +162,7 @@ impl Transport for Counted<'_> {
 
 pub fn run(mut reader: Box<dyn CardReader>, ctx: Context) {
     let id = reader.id().clone();
+    let _span = tracing::info_span!("reader", reader = %id).entered();
     let lane = |state| {
         let _ = ctx.events.send(Event::Lane { reader: id.clone(), state });
     };
