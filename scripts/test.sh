@@ -3,8 +3,12 @@
 # (unit tests, card emulator tests, station CLI tests, end-to-end batches,
 # the batch report rendered by headless Chromium),
 # including the tests through the real PC/SC stack: this script starts a
-# private pcscd with 6 vpcd virtual readers (scripts/pcscd-vpcd.sh) for them
-# and stops it again at the end.
+# private pcscd with 8 vpcd virtual readers (scripts/pcscd-vpcd.sh) for them
+# and stops it again at the end. Readers by port (P = TAPLINE_VPCD_PORT):
+# P, P+1 card and rig tests; P+2..P+5 tests/tests/pcsc.rs (P+4 also
+# pcsc_restart.rs and station's gp test); P+4..P+7 tests/tests/pcsc_faults.rs,
+# which restarts pcscd with 6 readers mid-test and then with
+# TAPLINE_VPCD_READERS again (cargo runs test binaries one after another).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -14,6 +18,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
 export TAPLINE_VPCD_PORT=${TAPLINE_VPCD_PORT:-35963}
-scripts/pcscd-vpcd.sh start 6 "$TAPLINE_VPCD_PORT"
+export TAPLINE_VPCD_READERS=8
+scripts/pcscd-vpcd.sh start "$TAPLINE_VPCD_READERS" "$TAPLINE_VPCD_PORT"
 trap 'scripts/pcscd-vpcd.sh stop' EXIT
 cargo test --workspace

@@ -347,6 +347,36 @@ fn gp_session_and_get_status_through_pcsc() {
 }
 
 #[test]
+fn vpcd_reports_no_apdu_size_and_asking_leaves_the_card_alone() {
+    use card::transport::pcsc::ExtendedApdu;
+    let mut rig = Rig::new();
+    let mut reader = rig.reader(Sharing::Shared);
+    // Without a card: vpcd's driver answers neither SCARD_ATTR_MAXINPUT nor
+    // the PC/SC part 10 feature request (pcsc-lite 1.9.9, vsmartcard 3.3).
+    let empty = reader.extended_apdu().expect("a direct connection needs no card");
+    let ExtendedApdu::Unknown { reason } = &empty else { panic!("vpcd reports nothing, yet: {empty:?}") };
+    assert!(reason.contains("SCARD_ATTR_MAXINPUT: not supported by the reader's driver"), "{reason}");
+    assert!(reason.contains("dwMaxAPDUDataSize: feature list not supported"), "{reason}");
+
+    // With a card in a secure channel: asking neither resets nor powers
+    // the card, so the session goes on.
+    let inserted = rig.insert(rig.port, new_card(CardFaults::default()));
+    wait_for(&mut reader, SlotState::Empty, |s| *s != SlotState::Empty);
+    let mut other = rig.reader(Sharing::Shared);
+    {
+        let mut t = reader.connect().expect("connect");
+        let mut session =
+            GpSession::open(&mut *t, &gp_default_ring(), 0, SecurityLevel::CMacCDecRMac).expect("SCP03 session");
+        assert_eq!(other.extended_apdu().expect("asked beside an open session"), empty);
+        assert_eq!(
+            session.get_status(StatusScope::IssuerSecurityDomain).expect("the session survives the question").len(),
+            1
+        );
+    }
+    rig.remove(inserted);
+}
+
+#[test]
 fn card_removed_mid_transmit_is_card_removed() {
     let mut rig = Rig::new();
     let mut reader = rig.reader(Sharing::Shared);

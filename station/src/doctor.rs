@@ -1,6 +1,7 @@
-//! `station doctor`: what real operation needs (the PC/SC service, readers,
-//! permissions, a profile that loads with verified firmware, a writable
-//! ledger folder), each as a [`Check`] with the fix for what is missing.
+//! `station doctor`: what real operation needs (the PC/SC service, readers
+//! and what they report about extended-length APDUs, permissions, a profile
+//! that loads with verified firmware, a writable ledger folder), each as a
+//! [`Check`] with the fix for what is missing.
 //!
 //! Only looks: serial ports and USB devices are judged by their permission
 //! bits, never opened (a port may be in use by something else).
@@ -10,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use card::transport::pcsc::{PcscMonitor, ReaderFilter, Sharing};
+use card::transport::pcsc::{ExtendedApdu, PcscMonitor, ReaderFilter, Sharing};
 use card::transport::{CardReader, ReaderMonitor, SlotState};
 use serde::Serialize;
 
@@ -171,18 +172,26 @@ fn pcsc_checks(csock: Option<&str>) -> Vec<Check> {
         }
     };
     let mut items = Vec::new();
+    let mut extended = Vec::new();
     for id in &ids {
         let name = id.as_str();
         let kind = if name.starts_with("Tapline vpcd ") { " — vpcd (emulated)" } else { "" };
-        let card = match monitor.open_reader(id) {
-            Ok(mut r) => match r.wait_change(&SlotState::Empty, Duration::from_millis(100)) {
-                Ok(SlotState::Present { .. }) => "card present",
-                Ok(SlotState::Empty) => "no card",
-                Err(_) => "card unknown",
-            },
-            Err(_) => "card unknown",
+        let (card, apdu) = match monitor.open_reader(id) {
+            Ok(mut r) => {
+                let card = match r.wait_change(&SlotState::Empty, Duration::from_millis(100)) {
+                    Ok(SlotState::Present { .. }) => "card present",
+                    Ok(SlotState::Empty) => "no card",
+                    Err(_) => "card unknown",
+                };
+                let apdu = r.extended_apdu().unwrap_or_else(|e| ExtendedApdu::Unknown {
+                    reason: format!("cannot ask the reader: {}", error_chain(&e)),
+                });
+                (card, apdu)
+            }
+            Err(e) => ("card unknown", ExtendedApdu::Unknown { reason: format!("cannot open the reader: {e}") }),
         };
         items.push(format!("{name}{kind}; {card}"));
+        extended.push((name.to_string(), apdu));
     }
     if ids.is_empty() {
         checks.push(Check::new("readers", Status::Fail, "pcscd lists no readers").fix(
@@ -190,19 +199,43 @@ fn pcsc_checks(csock: Option<&str>) -> Vec<Check> {
         ));
     } else {
         checks.push(Check::new("readers", Status::Ok, format!("{} reader(s)", ids.len())).items(items));
-        checks.push(
-            Check::new(
-                "extended apdu",
-                Status::Warn,
-                "unknown: the PC/SC backend does not query the readers' maximum message size",
-            )
-            .fix(
-                "nothing needed for the recipe (LOAD blocks fit short APDUs); \
-                 check the reader's datasheet for extended-length support if a profile needs it",
-            ),
-        );
+        checks.push(extended_apdu_check(&extended));
     }
     checks
+}
+
+/// One check over every reader's answer about extended-length APDUs:
+/// ok when each reader told (supported or short only: the recipe needs
+/// neither), a warning naming why for readers that did not.
+pub fn extended_apdu_check(readers: &[(String, ExtendedApdu)]) -> Check {
+    let name = "extended apdu";
+    let items = readers.iter().map(|(reader, a)| format!("{reader}: {a}")).collect();
+    let unknown = readers.iter().filter(|(_, a)| !a.is_known()).count();
+    let supported = readers.iter().filter(|(_, a)| matches!(a, ExtendedApdu::Supported { .. })).count();
+    if unknown == 0 {
+        return Check::new(
+            name,
+            Status::Ok,
+            format!("{supported} of {} reader(s) carry extended APDUs, the others short ones only", readers.len()),
+        )
+        .items(items);
+    }
+    Check::new(name, Status::Warn, format!("unknown for {unknown} of {} reader(s)", readers.len())).items(items).fix(
+        "nothing needed for the recipe (LOAD blocks fit short APDUs); \
+             check the reader's datasheet for extended-length support if a profile needs it",
+    )
+}
+
+/// An error with its sources, for a report line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 fn socket_check(csock: Option<&str>, me: Option<&Identity>) -> Check {
@@ -513,6 +546,29 @@ mod tests {
         assert!(probe_writable(&dir.path().join("missing")).is_err());
         assert_eq!(ledger_check(&dir.path().join("l.db")).status, Status::Ok);
         assert_eq!(ledger_check(&dir.path().join("missing/l.db")).status, Status::Fail);
+    }
+
+    #[test]
+    fn extended_apdu_check_is_ok_only_when_every_reader_told() {
+        use card::transport::pcsc::ApduSizeSource;
+        let yes = ExtendedApdu::Supported { limit: 65_536, source: ApduSizeSource::Part10MaxApduDataSize };
+        let short = ExtendedApdu::ShortOnly { source: ApduSizeSource::Part10MaxApduDataSize };
+        let unknown = ExtendedApdu::Unknown { reason: "the reader reports no APDU size".into() };
+        let all_told = extended_apdu_check(&[("A 00 00".into(), yes.clone()), ("B 00 00".into(), short)]);
+        assert_eq!(all_told.status, Status::Ok);
+        assert_eq!(all_told.detail, "1 of 2 reader(s) carry extended APDUs, the others short ones only");
+        assert_eq!(
+            all_told.items,
+            [
+                "A 00 00: extended APDUs, up to 65536 data bytes (PC/SC part 10 dwMaxAPDUDataSize)",
+                "B 00 00: short APDUs only (PC/SC part 10 dwMaxAPDUDataSize)"
+            ]
+        );
+        assert!(all_told.fix.is_none());
+        let one_silent = extended_apdu_check(&[("A 00 00".into(), yes), ("C 00 00".into(), unknown)]);
+        assert_eq!((one_silent.status, one_silent.detail.as_str()), (Status::Warn, "unknown for 1 of 2 reader(s)"));
+        assert_eq!(one_silent.items[1], "C 00 00: unknown: the reader reports no APDU size");
+        assert!(one_silent.fix.is_some());
     }
 
     #[test]

@@ -47,6 +47,21 @@ fn doctor_json_reports_profile_firmware_and_pcsc() {
                 .any(|r| r.as_str().is_some_and(|r| r.starts_with("Tapline vpcd ") && r.contains("vpcd (emulated)"))),
             "{readers:#}"
         );
+        // vpcd's driver answers no APDU size (pcsc-lite 1.9.9, vsmartcard
+        // 3.3): each vpcd reader is listed as unknown, with the reason.
+        let apdu = check("extended apdu");
+        assert_eq!(apdu["status"], "warn", "{apdu:#}");
+        let items = apdu["items"].as_array().expect("one line per reader");
+        assert_eq!(items.len(), readers["items"].as_array().map_or(0, Vec::len), "{apdu:#}");
+        let vpcd: Vec<&str> =
+            items.iter().filter_map(|i| i.as_str()).filter(|i| i.starts_with("Tapline vpcd ")).collect();
+        assert!(!vpcd.is_empty(), "{apdu:#}");
+        for line in vpcd {
+            assert!(
+                line.contains(": unknown: the reader reports no APDU size: SCARD_ATTR_MAXINPUT: not supported"),
+                "{line}"
+            );
+        }
     } else {
         assert!(pcsc["status"] == "ok" || pcsc["status"] == "fail", "{pcsc:#}");
     }

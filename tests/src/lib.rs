@@ -17,7 +17,7 @@ use station::ledger::export::{self, Export};
 use station::ledger::{BatchInfo, Ledger};
 use station::profile::Profile;
 use station::recipe::Recipe;
-use station::worker::Control;
+use station::worker::{Control, Event};
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -61,9 +61,22 @@ pub fn run_batch(profile: Arc<Profile>, readers: usize, cards: Vec<EmuCard>, spe
 /// in this process).
 pub fn run_batch_on(
     profile: Arc<Profile>,
+    monitor: Box<dyn ReaderMonitor>,
+    handler: Arc<dyn CardHandler>,
+    target: usize,
+) -> Batch {
+    run_batch_watched(profile, monitor, handler, target, |_| {})
+}
+
+/// [`run_batch_on`] with `on_event` seeing every worker event as the batch
+/// runs (on the batch's own thread), for tests that act on the line while
+/// it works: pull a card mid-LOAD, take a reader away.
+pub fn run_batch_watched(
+    profile: Arc<Profile>,
     mut monitor: Box<dyn ReaderMonitor>,
     handler: Arc<dyn CardHandler>,
     target: usize,
+    on_event: impl FnMut(&Event),
 ) -> Batch {
     let firmware = Arc::new(Firmware::load(&profile.firmware_dir, &profile.release_keys).expect("firmware"));
     let dir = tempfile::tempdir().expect("tempdir");
@@ -81,7 +94,7 @@ pub fn run_batch_on(
     let recipe = Arc::new(Recipe::new(profile, Arc::clone(&firmware), ledger.clone(), batch_id));
     let output = batch::Output { labels: Some(dir.path().join("labels")) };
     let summary =
-        batch::run(&mut *monitor, recipe, handler, Some(target), output, Control::new(), |_| {}).expect("batch runs");
+        batch::run(&mut *monitor, recipe, handler, Some(target), output, Control::new(), on_event).expect("batch runs");
     ledger.finish_batch(batch_id).expect("finish");
     drop(ledger);
     writer.close();

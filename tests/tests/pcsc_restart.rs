@@ -2,7 +2,7 @@
 //! its context by itself and sees the card again, without reopening the
 //! reader (the station keeps running). Restarts the pcscd of
 //! `scripts/pcscd-vpcd.sh` (as `scripts/test.sh` started it) and leaves it
-//! running again with the same readers; cargo runs test binaries one after
+//! running again with the same readers (TAPLINE_VPCD_READERS of them); cargo runs test binaries one after
 //! another, so no other test uses pcscd meanwhile.
 
 use std::process::Command;
@@ -54,7 +54,8 @@ fn wait_present(reader: &mut dyn card::transport::CardReader, limit: Duration) -
 #[test]
 fn a_reader_survives_a_pcscd_restart_and_sees_the_card_again() {
     let base = port_base();
-    let readers = 6;
+    // Started again with as many readers as scripts/test.sh started.
+    let readers: usize = std::env::var("TAPLINE_VPCD_READERS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
     let port = base + 4;
     wait_readers_empty(&[format!("Tapline vpcd {port} 00 00")], Duration::from_secs(5));
     let config = FeederConfig::instant(port, 1);

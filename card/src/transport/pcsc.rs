@@ -1,7 +1,8 @@
 //! The PC/SC backend of the transport seams: `PcscMonitor` (which readers
 //! pcscd offers, filtered by name), `PcscReader` (one slot, with its own
 //! PC/SC context), `PcscTransport` (one connected card) and `PcscCanceller`
-//! (ends blocked waits from another thread). This is the only code in the
+//! (ends blocked waits from another thread), and what a reader reports
+//! about extended-length APDUs (`ExtendedApdu`). This is the only code in the
 //! workspace that uses the `pcsc` crate; nothing here knows about recipes,
 //! profiles or the ledger.
 //!
@@ -651,6 +652,25 @@ impl PcscReader {
         }
     }
 
+    /// What the reader reports about extended-length APDUs
+    /// ([`ExtendedApdu`]), asked over a direct connection
+    /// (`SCARD_SHARE_DIRECT`): it needs no card, and the card in the reader,
+    /// if any, is neither powered nor reset (the connection is closed with
+    /// `SCARD_LEAVE_CARD`). Fails when the reader cannot be reached, e.g.
+    /// while another application holds it exclusively.
+    pub fn extended_apdu(&mut self) -> Result<ExtendedApdu, TransportError> {
+        let ctx = self.live.get(Instant::now())?;
+        let card = ctx
+            .connect(&self.name, pcsc::ShareMode::Direct, Protocols::UNDEFINED)
+            .map_err(|e| map_error("SCardConnect (direct)", &self.id, e, Duration::ZERO))?;
+        let max_input = read_u32_attribute(&card, pcsc::Attribute::Maxinput);
+        let part10 = read_max_apdu_data_size(&card);
+        if let Err((_, e)) = card.disconnect(Disposition::LeaveCard) {
+            tracing::debug!(reader = %self.id, error = %e, "closing the direct connection failed");
+        }
+        Ok(ExtendedApdu::judge(part10, max_input))
+    }
+
     /// The reader went away (unplugged, or pcscd came back without it) as
     /// far as the last status change said.
     fn gone(&self) -> bool {
@@ -711,6 +731,170 @@ impl CardReader for PcscReader {
             }
             other => Ok(Box::new(other?)),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Extended-length APDUs: what the reader reports
+
+/// pcsc-lite's client refuses an attribute buffer longer than its
+/// `MAX_BUFFER_SIZE` (264 bytes) with `SCARD_E_INSUFFICIENT_BUFFER`, so
+/// attributes are read into a buffer of exactly that size.
+const ATTRIBUTE_BUFFER: usize = pcsc::MAX_BUFFER_SIZE;
+
+/// PC/SC part 10: `CM_IOCTL_GET_FEATURE_REQUEST` is `SCARD_CTL_CODE(3400)`;
+/// it lists the reader's features as TLVs (tag, length 4, big-endian
+/// control code).
+const GET_FEATURE_REQUEST: u32 = 3400;
+/// PC/SC part 10 feature `FEATURE_GET_TLV_PROPERTIES`.
+const FEATURE_GET_TLV_PROPERTIES: u8 = 0x12;
+/// PC/SC part 10 property `dwMaxAPDUDataSize`: the most data bytes of an
+/// APDU the reader exchanges, 0 when it exchanges short APDUs only.
+const PROPERTY_MAX_APDU_DATA_SIZE: u8 = 0x0A;
+
+/// The longest short command APDU: header, Lc, 255 data bytes, Le.
+pub const SHORT_COMMAND_MAX: u32 = 4 + 1 + 255 + 1;
+
+/// Where a reader's answer about extended APDUs came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApduSizeSource {
+    /// PC/SC part 10 TLV property `dwMaxAPDUDataSize` (CCID readers through
+    /// libccid report it).
+    Part10MaxApduDataSize,
+    /// `SCARD_ATTR_MAXINPUT`: the longest command message the reader takes.
+    MaxInput,
+}
+
+impl fmt::Display for ApduSizeSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Part10MaxApduDataSize => "PC/SC part 10 dwMaxAPDUDataSize",
+            Self::MaxInput => "SCARD_ATTR_MAXINPUT",
+        })
+    }
+}
+
+/// Whether a reader carries extended-length APDUs, as far as it says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExtendedApdu {
+    /// Extended APDUs pass: up to `limit` data bytes (part 10) or command
+    /// bytes (`SCARD_ATTR_MAXINPUT`).
+    Supported { limit: u32, source: ApduSizeSource },
+    /// The reader exchanges short APDUs only.
+    ShortOnly { source: ApduSizeSource },
+    /// The reader's answers do not tell; `reason` says what it answered.
+    Unknown { reason: String },
+}
+
+impl ExtendedApdu {
+    /// Judges what a reader answered: `part10` is its `dwMaxAPDUDataSize`
+    /// (`Ok(None)`: it has TLV properties but not that one), `max_input`
+    /// its `SCARD_ATTR_MAXINPUT`; each `Err` says why it is missing. The
+    /// part 10 property is explicit and wins. A `SCARD_ATTR_MAXINPUT` above
+    /// [`SHORT_COMMAND_MAX`] means extended commands fit one message; at or
+    /// below it the reader may still chain extended APDUs over T=1, which
+    /// it does not report, so that stays unknown.
+    pub fn judge(part10: Result<Option<u32>, String>, max_input: Result<u32, String>) -> Self {
+        let part10_why = match part10 {
+            Ok(Some(0..=255)) => return Self::ShortOnly { source: ApduSizeSource::Part10MaxApduDataSize },
+            Ok(Some(limit)) => return Self::Supported { limit, source: ApduSizeSource::Part10MaxApduDataSize },
+            Ok(None) => "no dwMaxAPDUDataSize among its TLV properties".to_string(),
+            Err(why) => why,
+        };
+        match max_input {
+            Ok(limit) if limit > SHORT_COMMAND_MAX => Self::Supported { limit, source: ApduSizeSource::MaxInput },
+            Ok(limit) => Self::Unknown {
+                reason: format!(
+                    "the reader takes commands of up to {limit} bytes (SCARD_ATTR_MAXINPUT), enough for short \
+                     APDUs; whether it chains extended ones it does not say (PC/SC part 10: {part10_why})"
+                ),
+            },
+            Err(why) => Self::Unknown {
+                reason: format!(
+                    "the reader reports no APDU size: SCARD_ATTR_MAXINPUT: {why}; PC/SC part 10 \
+                     dwMaxAPDUDataSize: {part10_why}"
+                ),
+            },
+        }
+    }
+
+    pub fn is_known(&self) -> bool {
+        !matches!(self, Self::Unknown { .. })
+    }
+}
+
+impl fmt::Display for ExtendedApdu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Supported { limit, source: s @ ApduSizeSource::Part10MaxApduDataSize } => {
+                write!(f, "extended APDUs, up to {limit} data bytes ({s})")
+            }
+            Self::Supported { limit, source: s @ ApduSizeSource::MaxInput } => {
+                write!(f, "extended APDUs, commands up to {limit} bytes ({s})")
+            }
+            Self::ShortOnly { source } => write!(f, "short APDUs only ({source})"),
+            Self::Unknown { reason } => write!(f, "unknown: {reason}"),
+        }
+    }
+}
+
+/// Why an attribute or control call gave nothing, in words for the report.
+fn unanswered(e: pcsc::Error) -> String {
+    match e {
+        pcsc::Error::UnsupportedFeature => "not supported by the reader's driver".into(),
+        e => format!("failed: {e}"),
+    }
+}
+
+/// A DWORD attribute (pcsc-lite passes it in host byte order).
+fn read_u32_attribute(card: &pcsc::Card, attribute: pcsc::Attribute) -> Result<u32, String> {
+    let mut buf = [0u8; ATTRIBUTE_BUFFER];
+    let value = card.get_attribute(attribute, &mut buf).map_err(unanswered)?;
+    dword(value).ok_or_else(|| format!("answered {} bytes, not a 4-byte number", value.len()))
+}
+
+fn dword(value: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(value.try_into().ok()?))
+}
+
+/// `dwMaxAPDUDataSize` through PC/SC part 10: the feature list, then the
+/// TLV properties.
+fn read_max_apdu_data_size(card: &pcsc::Card) -> Result<Option<u32>, String> {
+    let mut buf = [0u8; ATTRIBUTE_BUFFER];
+    let features = card
+        .control(pcsc::ctl_code(GET_FEATURE_REQUEST.into()), &[], &mut buf)
+        .map_err(|e| format!("feature list {}", unanswered(e)))?;
+    let Some(code) = part10_feature(features, FEATURE_GET_TLV_PROPERTIES) else {
+        return Err("the reader lists no FEATURE_GET_TLV_PROPERTIES".into());
+    };
+    let mut buf = [0u8; ATTRIBUTE_BUFFER];
+    let props = card.control(code.into(), &[], &mut buf).map_err(|e| format!("TLV properties {}", unanswered(e)))?;
+    Ok(part10_property(props, PROPERTY_MAX_APDU_DATA_SIZE))
+}
+
+/// Iterates the (tag, value) pairs of a PC/SC part 10 TLV list (one-byte
+/// tags and lengths); stops at a truncated entry.
+fn part10_tlvs(mut data: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    std::iter::from_fn(move || {
+        let (&tag, rest) = data.split_first()?;
+        let (&len, rest) = rest.split_first()?;
+        let value = rest.get(..usize::from(len))?;
+        data = &rest[usize::from(len)..];
+        Some((tag, value))
+    })
+}
+
+/// The control code of a part 10 feature (its value is big-endian).
+pub fn part10_feature(features: &[u8], tag: u8) -> Option<u32> {
+    part10_tlvs(features).find(|(t, _)| *t == tag).and_then(|(_, v)| Some(u32::from_be_bytes(v.try_into().ok()?)))
+}
+
+/// A numeric part 10 TLV property (1, 2 or 4 bytes, little-endian).
+pub fn part10_property(props: &[u8], tag: u8) -> Option<u32> {
+    let (_, v) = part10_tlvs(props).find(|(t, _)| *t == tag)?;
+    match v.len() {
+        1 | 2 | 4 => Some(v.iter().rev().fold(0u32, |acc, b| (acc << 8) | u32::from(*b))),
+        _ => None,
     }
 }
 
@@ -944,6 +1128,64 @@ mod tests {
             assert!(matches!(q.slot(), SlotState::Present { insertion, .. } if insertion == n));
             q.observe(false, 0, &[]);
         }
+    }
+
+    #[test]
+    fn part10_tlvs_give_features_and_properties() {
+        // FEATURE_VERIFY_PIN_DIRECT (06) and FEATURE_GET_TLV_PROPERTIES (12).
+        let features = [0x06, 0x04, 0x42, 0x33, 0x00, 0x06, 0x12, 0x04, 0x42, 0x33, 0x00, 0x12];
+        assert_eq!(part10_feature(&features, 0x12), Some(0x4233_0012));
+        assert_eq!(part10_feature(&features, 0x06), Some(0x4233_0006));
+        assert_eq!(part10_feature(&features, 0x13), None);
+        assert_eq!(part10_feature(&features[..10], 0x12), None, "truncated entry");
+        // wLcdLayout (01, 2 bytes), dwMaxAPDUDataSize (0A, 4 bytes LE), wIdVendor (0B).
+        let props = [0x01, 0x02, 0x00, 0x00, 0x0A, 0x04, 0x00, 0x00, 0x01, 0x00, 0x0B, 0x02, 0x2F, 0x07];
+        assert_eq!(part10_property(&props, 0x0A), Some(65_536));
+        assert_eq!(part10_property(&props, 0x0B), Some(0x072F));
+        assert_eq!(part10_property(&props, 0x01), Some(0));
+        assert_eq!(part10_property(&props, 0x02), None);
+        assert_eq!(part10_property(&[0x0A, 0x03, 1, 2, 3], 0x0A), None, "odd width");
+        assert_eq!(part10_property(&[], 0x0A), None);
+        assert_eq!(dword(&[0x05, 0x01, 0, 0]), Some(u32::from_ne_bytes([0x05, 0x01, 0, 0])));
+        assert_eq!(dword(&[1, 2]), None);
+    }
+
+    #[test]
+    fn extended_apdu_support_is_judged_from_what_the_reader_says() {
+        use ApduSizeSource::{MaxInput, Part10MaxApduDataSize};
+        let none = || Err::<u32, _>("not supported by the reader's driver".to_string());
+        let p10 = |v: u32| Ok::<_, String>(Some(v));
+        // Part 10 is explicit and wins over MAXINPUT.
+        assert_eq!(
+            ExtendedApdu::judge(p10(65_536), Ok(261)),
+            ExtendedApdu::Supported { limit: 65_536, source: Part10MaxApduDataSize }
+        );
+        assert_eq!(ExtendedApdu::judge(p10(0), Ok(65_546)), ExtendedApdu::ShortOnly { source: Part10MaxApduDataSize });
+        assert_eq!(ExtendedApdu::judge(p10(255), none()), ExtendedApdu::ShortOnly { source: Part10MaxApduDataSize });
+        assert_eq!(
+            ExtendedApdu::judge(Ok(None), Ok(65_546)),
+            ExtendedApdu::Supported { limit: 65_546, source: MaxInput }
+        );
+        assert_eq!(
+            ExtendedApdu::judge(Err("no".into()), Ok(SHORT_COMMAND_MAX + 1)),
+            ExtendedApdu::Supported { limit: 262, source: MaxInput }
+        );
+        // A short-sized MAXINPUT does not tell (T=1 chaining).
+        let short = ExtendedApdu::judge(Ok(None), Ok(SHORT_COMMAND_MAX));
+        assert!(!short.is_known());
+        assert!(short.to_string().contains("up to 261 bytes"), "{short}");
+        // Nothing answered: unknown, saying what each query answered.
+        let nothing = ExtendedApdu::judge(Err("feature list not supported".into()), none());
+        assert_eq!(
+            nothing.to_string(),
+            "unknown: the reader reports no APDU size: SCARD_ATTR_MAXINPUT: not supported by the reader's \
+             driver; PC/SC part 10 dwMaxAPDUDataSize: feature list not supported"
+        );
+        assert_eq!(
+            ExtendedApdu::Supported { limit: 65_536, source: Part10MaxApduDataSize }.to_string(),
+            "extended APDUs, up to 65536 data bytes (PC/SC part 10 dwMaxAPDUDataSize)"
+        );
+        assert_eq!(ExtendedApdu::ShortOnly { source: MaxInput }.to_string(), "short APDUs only (SCARD_ATTR_MAXINPUT)");
     }
 
     #[test]
