@@ -87,12 +87,12 @@ fn header_line<'a>(snap: &'a Snapshot, ui: &UiState) -> Line<'a> {
         Span::styled(format!(" station {} ", snap.station), plain.add_modifier(Modifier::BOLD)),
         Span::styled(format!(" {} ", snap.mode.label().to_uppercase()), mode_style(snap.mode)),
     ];
+    if let Link::Remote { addr, .. } = &ui.link {
+        spans.push(Span::styled(format!(" remote {addr} "), plain.fg(Color::Cyan)));
+    }
     if let Some(b) = &snap.batch {
         let state = if b.finished { ", finished" } else { "" };
         spans.push(Span::styled(format!(" batch {} ({}{state}) ", b.name, b.profile), plain));
-    }
-    if let Link::Remote { addr, .. } = &ui.link {
-        spans.push(Span::styled(format!(" remote {addr} "), plain.fg(Color::Cyan)));
     }
     spans.push(Span::styled(" ? help", plain.fg(Color::Gray)));
     Line::from(spans)
@@ -168,6 +168,13 @@ fn center(s: &str, w: usize) -> String {
     let len = s.chars().count();
     let left = (w - len) / 2;
     format!("{}{s}{}", " ".repeat(left), " ".repeat(w - len - left))
+}
+
+/// A card id cut to `w` from the left: ids of one vendor share their
+/// first bytes, the last ones tell cards apart.
+fn card_tail(id: &str, w: usize) -> String {
+    let n = id.chars().count();
+    if n <= w || w == 0 { id.to_string() } else { format!("…{}", id.chars().skip(n - (w - 1)).collect::<String>()) }
 }
 
 fn bar(sent: usize, total: usize, w: usize) -> String {
@@ -280,7 +287,7 @@ fn lane_row(l: &LaneView, selected: bool, w: usize) -> Line<'static> {
         Span::raw(" "),
         Span::styled(center(l.state.label(), STATE_W), state_style(l.state)),
         Span::raw(" "),
-        Span::raw(fit(l.card.as_deref().unwrap_or(""), c.card)),
+        Span::raw(fit(&card_tail(l.card.as_deref().unwrap_or(""), c.card), c.card)),
         Span::raw(" "),
     ];
     match lane_detail(l) {
@@ -434,7 +441,7 @@ fn render_batch(frame: &mut Frame, area: Rect, batch: Option<&BatchView>) {
         kv("1st pass", vec![Span::raw(format!("{:.1}% yield", b.first_pass_yield * 100.0))]),
         kv(
             "cards/h",
-            vec![Span::raw(format!("{:.0} last min, {:.0} batch", b.cards_per_hour_minute, b.cards_per_hour_batch))],
+            vec![Span::raw(format!("{:.0} last min, {:.0} all", b.cards_per_hour_minute, b.cards_per_hour_batch))],
         ),
         kv(
             "bundles",
