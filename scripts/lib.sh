@@ -5,8 +5,9 @@
 BUILD_PACKAGES=(build-essential pkg-config libpcsclite-dev)
 
 # What the tests need on top: a headless browser that renders the batch
-# report's HTML (station/tests/report.rs).
-TEST_PACKAGES=(chromium)
+# report's HTML (station/tests/report.rs), and tmux, in which the real
+# dashboard runs and is read back (station/tests/dash_tmux.rs).
+TEST_PACKAGES=(chromium tmux)
 
 # as_root CMD...: runs CMD as root (sudo when not root).
 as_root() {
