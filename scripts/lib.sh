@@ -5,10 +5,11 @@
 BUILD_PACKAGES=(build-essential pkg-config libpcsclite-dev)
 
 # What the tests need on top: a headless browser that renders the batch
-# report's HTML (station/tests/report.rs), and promtool (Debian's
-# prometheus package) that checks the metrics exposition, the Grafana
-# dashboard's queries and the scrape config (station/tests/metrics.rs).
-TEST_PACKAGES=(chromium prometheus)
+# report's HTML (station/tests/report.rs), promtool (Debian's prometheus
+# package) that checks the metrics exposition, the Grafana dashboard's
+# queries and the scrape config (station/tests/metrics.rs), and tmux, in
+# which the real dashboard runs and is read back (station/tests/dash_tmux.rs).
+TEST_PACKAGES=(chromium prometheus tmux)
 
 # as_root CMD...: runs CMD as root (sudo when not root).
 as_root() {

@@ -143,6 +143,10 @@ pub fn run(
     if readers.is_empty() {
         return Err(BatchError::NoReaders);
     }
+    // Before any worker starts: each card a worker starts claims one unit.
+    if let Some(t) = target {
+        control.set_budget(t);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::unbounded();
     let started = Instant::now();
@@ -182,8 +186,7 @@ pub fn run(
     drop(tx);
     let mut last_list = Instant::now();
     let mut outcomes = Vec::with_capacity(target.unwrap_or(0));
-    // Readers with a card in its recipe, and with a card waiting for pairing.
-    let mut working = HashSet::new();
+    // Readers with a card waiting for pairing.
     let mut waiting = HashSet::new();
     let mut offered = 0usize;
     let (mut sealed, mut aborted) = (Vec::new(), Vec::new());
@@ -191,9 +194,10 @@ pub fn run(
     let mut interrupted = false;
     let mut fatal = None;
     loop {
-        if target.is_some_and(|t| outcomes.len() >= t)
-            || (control.draining() && working.is_empty() && waiting.is_empty())
-        {
+        // Draining (asked to, or the target's last card started): the batch
+        // ends once every card started has its outcome, so no card is left
+        // half-way.
+        if control.draining() && outcomes.len() >= control.claimed() {
             break;
         }
         if !interrupted && control.interrupted() {
@@ -203,14 +207,10 @@ pub fn run(
                 c.stop();
             }
         }
-        // Every card has been through its recipe (the target is reached, or
-        // the batch drains and no card is in its recipe): no more will come
-        // to pair with the ones waiting, so the coordinator must not hold
-        // them.
-        if !told_no_more
-            && (target.is_some_and(|t| outcomes.len() + waiting.len() >= t)
-                || (control.draining() && working.is_empty()))
-        {
+        // The batch drains and every card started is done or waiting: no
+        // more will come to pair with the ones waiting, so the coordinator
+        // must not hold them.
+        if !told_no_more && control.draining() && outcomes.len() + waiting.len() >= control.claimed() {
             if let Some((c, _)) = &coordinator {
                 c.no_more_cards(offered);
             }
@@ -243,16 +243,11 @@ pub fn run(
         on_event(&ev);
         match ev {
             Event::Outcome(o) => {
-                working.remove(&o.reader);
                 waiting.remove(&o.reader);
                 outcomes.push(o);
             }
-            Event::Lane { reader, state: LaneState::Working } => {
-                working.insert(reader);
-            }
             Event::Lane { reader, state: LaneState::WaitingForPairing } => {
                 offered += 1;
-                working.remove(&reader);
                 waiting.insert(reader);
             }
             Event::Bundle { bundle, status: BundleStatus::Sealed, .. } => sealed.push(bundle),

@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod control;
 pub mod daemon;
+pub mod dash;
 pub mod doctor;
 pub mod firmware;
 pub mod gp_tool;

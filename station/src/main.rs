@@ -95,6 +95,16 @@ enum Command {
         #[command(subcommand)]
         command: GpCommand,
     },
+    /// The terminal dashboard of a running station (`station run --listen`
+    /// or `station daemon`), from another terminal or machine.
+    Dash {
+        /// The station's API address, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        connect: String,
+        /// The API token: env:NAME or file:PATH.
+        #[arg(long, value_name = "SOURCE")]
+        token: Option<String>,
+    },
     /// Run all shift: own the readers and the ledger, take batches through
     /// the HTTP API (and `station dash --connect`); SIGTERM drains, SIGHUP
     /// reloads the profiles.
@@ -431,6 +441,10 @@ fn dashboard_wanted(args: &RunArgs) -> bool {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run_batch(args),
+        Command::Dash { connect, token } => {
+            let token = token.as_deref().map(resolve_token).transpose()?;
+            Ok(station::dash::run_remote(&connect, token)?)
+        }
         Command::Daemon { config, drain_timeout } => run_daemon(&config, Duration::from_secs(drain_timeout)),
         Command::Ledger { command: LedgerCommand::Export { ledger, format, out } } => {
             let doc = export::export(&ledger)?;
@@ -839,27 +853,32 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     if let Some(s) = &server {
         println!("metrics and API on http://{}", s.addr);
     }
-    if dashboard_wanted(&args) {
-        println!("(the terminal dashboard is not built yet; printing progress lines)");
-    }
+    let dashboard = dashboard_wanted(&args);
     let total = args.cards;
     let mut done = 0usize;
     let report_dir = args.report_dir.clone().unwrap_or_else(|| PathBuf::from("reports").join(&name));
     let output = batch::Output { labels: profile.bundles.as_ref().map(|_| report_dir.join("labels")) };
-    let result = batch::run(
-        &mut *readers,
-        recipe_for(&profile, &fw, &ledger, batch_id),
-        handler,
-        Some(total),
-        output,
-        control,
-        |ev| {
-            live.on_event(ev);
-            print_event(ev, &mut done, total)
-        },
-    );
-    live.model().batch_finished(std::time::Instant::now(), std::time::SystemTime::now());
-    live.publish();
+    let work = || {
+        let result = batch::run(
+            &mut *readers,
+            recipe_for(&profile, &fw, &ledger, batch_id),
+            handler,
+            Some(total),
+            output,
+            control,
+            |ev| {
+                live.on_event(ev);
+                if !dashboard {
+                    print_event(ev, &mut done, total)
+                }
+            },
+        );
+        live.model().batch_finished(std::time::Instant::now(), std::time::SystemTime::now());
+        live.publish();
+        result
+    };
+    // The dashboard owns the terminal on this thread; the batch runs on another.
+    let result = if dashboard { station::dash::run_local(&live, Arc::clone(&controller), work) } else { work() };
     ticker_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = ticker.join();
     let summary = result?;

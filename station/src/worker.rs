@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,11 +71,29 @@ const POLL: Duration = Duration::from_millis(200);
 /// (finish the cards in flight, take no new ones), interrupt (cards in
 /// flight stop at their next step and are recorded failed-and-retryable).
 /// Shared by the batch, the dashboard and the API.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Control {
     drain: AtomicBool,
     interrupt: AtomicBool,
     paused: Mutex<HashSet<String>>,
+    /// Cards the batch may still start (`UNLIMITED` without a target).
+    budget: AtomicUsize,
+    /// Cards started so far: each becomes exactly one outcome.
+    claimed: AtomicUsize,
+}
+
+const UNLIMITED: usize = usize::MAX;
+
+impl Default for Control {
+    fn default() -> Self {
+        Self {
+            drain: AtomicBool::new(false),
+            interrupt: AtomicBool::new(false),
+            paused: Mutex::new(HashSet::new()),
+            budget: AtomicUsize::new(UNLIMITED),
+            claimed: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl Control {
@@ -83,12 +101,54 @@ impl Control {
         Arc::new(Self::default())
     }
 
+    /// At most `n` more cards are started; the batch drains after the last.
+    pub fn set_budget(&self, n: usize) {
+        self.budget.store(n, Ordering::SeqCst);
+        if n == 0 {
+            self.drain();
+        }
+    }
+
+    /// A worker asks to start a new card. The last card of the budget
+    /// drains the batch, so no reader starts a card the target does not
+    /// need (an endless hopper keeps feeding).
+    pub fn claim(&self) -> bool {
+        if self.draining() {
+            return false;
+        }
+        let took = self.budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| match b {
+            UNLIMITED => Some(b),
+            0 => None,
+            n => Some(n - 1),
+        });
+        match took {
+            Ok(before) => {
+                // Counted before the drain shows, so whoever sees the
+                // drain also sees this card.
+                self.claimed.fetch_add(1, Ordering::SeqCst);
+                if before == 1 {
+                    self.drain();
+                }
+                true
+            }
+            Err(_) => {
+                self.drain();
+                false
+            }
+        }
+    }
+
+    /// Cards started so far.
+    pub fn claimed(&self) -> usize {
+        self.claimed.load(Ordering::SeqCst)
+    }
+
     pub fn drain(&self) {
-        self.drain.store(true, Ordering::Relaxed);
+        self.drain.store(true, Ordering::SeqCst);
     }
 
     pub fn draining(&self) -> bool {
-        self.drain.load(Ordering::Relaxed)
+        self.drain.load(Ordering::SeqCst)
     }
 
     /// Drains and stops the cards in flight at their next step.
@@ -204,6 +264,10 @@ pub fn run(mut reader: Box<dyn CardReader>, ctx: Context) {
                 lane(LaneState::InsertCard);
                 continue;
             }
+        }
+        if !ctx.control.claim() {
+            lane(LaneState::Idle);
+            continue;
         }
         lane(LaneState::Working);
         let mut tries = 0;

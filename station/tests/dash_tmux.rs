@@ -1,0 +1,187 @@
+//! The terminal dashboard as an operator sees it: the real `station`
+//! binary in a detached tmux session (100x30), read with `capture-pane`,
+//! driven with `send-keys`. Needs tmux (scripts/test.sh installs it); each
+//! test uses its own tmux server socket and kills it even when failing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A private tmux server with one session; killed on drop.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(tag: &str, command: &str) -> Tmux {
+        match Command::new("tmux").arg("-V").output() {
+            Ok(o) if o.status.success() => {}
+            _ => panic!(
+                "tmux is not installed: this test drives the real dashboard in tmux \
+                 (install it: apt-get install tmux, or run scripts/test.sh which does)"
+            ),
+        }
+        let t = Tmux { socket: format!("tapline-{tag}-{}", std::process::id()) };
+        // The pane stays after the command ends, showing its exit code.
+        let script = format!("{command}; echo EXIT=$?; sleep 600");
+        let o = t.tmux(
+            &["-f", "/dev/null", "new-session", "-d", "-s", "main", "-x", "100", "-y", "30", "-c"],
+            &[repo().to_str().expect("utf8 path"), &script],
+        );
+        assert!(o.status.success(), "tmux new-session: {}", String::from_utf8_lossy(&o.stderr));
+        t
+    }
+
+    fn tmux(&self, args: &[&str], more: &[&str]) -> Output {
+        Command::new("tmux").arg("-L").arg(&self.socket).args(args).args(more).output().expect("tmux runs")
+    }
+
+    fn screen(&self) -> String {
+        let o = self.tmux(&["capture-pane", "-p", "-t", "main"], &[]);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &str) {
+        let o = self.tmux(&["send-keys", "-t", "main", keys], &[]);
+        assert!(o.status.success(), "send-keys {keys}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    /// Waits until the screen satisfies `ok`; fails with the last screen.
+    fn wait(&self, what: &str, secs: u64, ok: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.screen();
+            if ok(&s) {
+                return s;
+            }
+            if Instant::now() > end {
+                panic!("timed out after {secs} s waiting for {what}; the screen:\n{s}");
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.tmux(&["kill-server"], &[]);
+    }
+}
+
+/// A big state word, plain in a lane row or letter-spaced in a lane tile.
+fn shows_state(screen: &str, word: &str) -> bool {
+    let spaced: String = word.chars().map(|c| c.to_string()).collect::<Vec<_>>().join(" ");
+    screen.contains(word) || screen.contains(&spaced)
+}
+
+fn dashboard_complete(s: &str, station: &str) -> bool {
+    s.contains(&format!("station {station}"))
+        && ["emu-00", "emu-01", "emu-02", "emu-03", "Batch", "Failures by step", "Events", "cards/h", "1st pass"]
+            .iter()
+            .all(|w| s.contains(w))
+        && ["WORKING", "INSERT CARD", "WAITING FOR PAIRING", "PASS", "REMOVE CARD"].iter().any(|w| shows_state(s, w))
+}
+
+fn quote(p: &Path) -> String {
+    format!("'{}'", p.display())
+}
+
+#[test]
+fn station_run_shows_the_dashboard_and_obeys_pause_and_drain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cmd = format!(
+        "{} run --profile profiles/demo.yaml --sim 4 --cards 24 --card-speed 0.3 --seed 3 --station-id tmux-st \
+         --ledger {} --report-dir {} --log-file {}",
+        quote(Path::new(env!("CARGO_BIN_EXE_station"))),
+        quote(&dir.path().join("l.db")),
+        quote(&dir.path().join("report")),
+        quote(&dir.path().join("station.log")),
+    );
+    let t = Tmux::start("run", &cmd);
+    let s = t.wait("the dashboard with all panels", 30, |s| dashboard_complete(s, "tmux-st"));
+    assert!(s.contains("RUNNING"), "{s}");
+    // Pause the selected (first) reader: it finishes its card, then shows PAUSED.
+    t.keys("p");
+    t.wait("the pause reply", 10, |s| s.contains("emu-00 paused"));
+    t.wait("emu-0 PAUSED", 40, |s| shows_state(s, "PAUSED"));
+    // Drain asks first.
+    t.keys("d");
+    t.wait("the drain question", 10, |s| s.contains("Drain the station"));
+    t.keys("y");
+    let s = t.wait("the end of the drained batch", 60, |s| s.contains("Batch over") || s.contains("EXIT="));
+    if s.contains("Batch over") {
+        t.keys("Enter");
+    }
+    let s = t.wait("the summary after the dashboard", 30, |s| s.contains("EXIT="));
+    assert!(s.contains("EXIT=0"), "{s}");
+    assert!(s.contains("summary:") && s.contains("passed:"), "the summary prints after the screen:\n{s}");
+    assert!(!s.contains("Failures by step"), "the alternate screen is left:\n{s}");
+}
+
+/// The headless station with the API; killed on drop.
+struct Station(Child);
+
+impl Drop for Station {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn station_dash_connect_shows_a_running_station_from_another_terminal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let token = "tmux-test-token-0123456789";
+    let mut station = Station(
+        Command::new(env!("CARGO_BIN_EXE_station"))
+            .args(["run", "--profile", "profiles/demo.yaml", "--sim", "4", "--cards", "40", "--card-speed", "0.3"])
+            .args(["--seed", "4", "--station-id", "remote-st", "--headless", "--token", "env:TAPLINE_TEST_TOKEN"])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--ledger")
+            .arg(dir.path().join("l.db"))
+            .arg("--report-dir")
+            .arg(dir.path().join("report"))
+            .env("TAPLINE_TEST_TOKEN", token)
+            .current_dir(repo())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("station runs"),
+    );
+    let cmd = format!(
+        "TAPLINE_TEST_TOKEN={token} {} dash --connect 127.0.0.1:{port} --token env:TAPLINE_TEST_TOKEN",
+        quote(Path::new(env!("CARGO_BIN_EXE_station")))
+    );
+    let t = Tmux::start("connect", &cmd);
+    let s = t.wait("the remote station's dashboard", 30, |s| dashboard_complete(s, "remote-st"));
+    assert!(s.contains(&format!("remote 127.0.0.1:{port}")), "{s}");
+    // Actions go over the API.
+    t.keys("p");
+    t.wait("the pause reply from the station", 10, |s| s.contains("emu-00 paused"));
+    t.wait("emu-0 PAUSED", 40, |s| shows_state(s, "PAUSED"));
+    t.keys("d");
+    t.wait("the drain question", 10, |s| s.contains("Drain the station"));
+    t.keys("y");
+    t.wait("DRAINING from the station", 10, |s| s.contains("DRAINING") || s.contains("IDLE"));
+    let end = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = station.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < end, "the drained station did not end; the dashboard:\n{}", t.screen());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.success(), "station run: {status}");
+    // The station is gone: the dashboard says so and keeps the last state.
+    let s = t.wait("connection lost", 15, |s| s.contains("CONNECTION LOST"));
+    assert!(s.contains("emu-00"), "{s}");
+    t.keys("q");
+    let s = t.wait("the dashboard to detach", 10, |s| s.contains("EXIT="));
+    assert!(s.contains("EXIT=0"), "{s}");
+}
