@@ -29,6 +29,22 @@ pub enum Action {
     ResumeReader {
         reader: String,
     },
+    /// Pause (resume) every reader: the batch takes no new card until
+    /// resumed; cards in flight finish.
+    Pause,
+    Resume,
+}
+
+/// The readers a pause or resume applies to (one, or every lane), and
+/// whether it pauses.
+pub fn pause_targets(action: &Action, lanes: &[crate::state::LaneView]) -> Option<(Vec<String>, bool)> {
+    match action {
+        Action::PauseReader { reader } => Some((vec![reader.clone()], true)),
+        Action::ResumeReader { reader } => Some((vec![reader.clone()], false)),
+        Action::Pause => Some((lanes.iter().map(|l| l.reader.clone()).collect(), true)),
+        Action::Resume => Some((lanes.iter().map(|l| l.reader.clone()).collect(), false)),
+        _ => None,
+    }
 }
 
 /// Why an action was refused, in words for the operator.
@@ -67,20 +83,22 @@ impl Controller for OneBatch {
                 self.live.model().set_mode(Mode::Draining);
                 "stopping: interrupting the cards in flight".to_string()
             }
-            Action::PauseReader { reader } | Action::ResumeReader { reader }
-                if !self.live.snapshot().lanes.iter().any(|l| l.reader == reader) =>
-            {
-                return Err(Refused(format!("no reader named {reader:?}")));
-            }
-            Action::PauseReader { reader } => {
-                self.control.set_paused(&reader, true);
-                self.live.model().set_paused(&reader, true);
-                format!("{reader} paused")
-            }
-            Action::ResumeReader { reader } => {
-                self.control.set_paused(&reader, false);
-                self.live.model().set_paused(&reader, false);
-                format!("{reader} resumed")
+            pause => {
+                let lanes = self.live.snapshot().lanes.clone();
+                let Some((readers, paused)) = pause_targets(&pause, &lanes) else {
+                    return Err(Refused("not a pause action".into()));
+                };
+                if let Some(r) = readers.iter().find(|r| !lanes.iter().any(|l| &l.reader == *r)) {
+                    return Err(Refused(format!("no reader named {r:?}")));
+                }
+                let mut m = self.live.model();
+                for r in &readers {
+                    self.control.set_paused(r, paused);
+                    m.set_paused(r, paused);
+                }
+                drop(m);
+                let what = if readers.len() == 1 { readers[0].clone() } else { format!("{} readers", readers.len()) };
+                format!("{what} {}", if paused { "paused" } else { "resumed" })
             }
         };
         self.live.model().log(at, Level::Warn, None, text.clone());

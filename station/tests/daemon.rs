@@ -151,6 +151,18 @@ fn two_batches_through_the_api_then_sigterm_mid_batch_drains_cleanly() {
     assert_eq!(d.status()["mode"], "idle");
     assert_eq!(d.status()["lanes"].as_array().map(Vec::len), Some(4), "the daemon owns its readers while idle");
 
+    // Pause and resume every reader (kept across batches).
+    let (code, r) = d.act(r#"{"action":"pause"}"#);
+    assert_eq!(code, 200, "{r}");
+    let lanes = d.status()["lanes"].clone();
+    assert!(lanes.as_array().is_some_and(|l| l.iter().all(|l| l["paused"] == true)), "{lanes}");
+    let (code, r) = d.act(r#"{"action":"resume"}"#);
+    assert_eq!(code, 200, "{r}");
+    let lanes = d.status()["lanes"].clone();
+    assert!(lanes.as_array().is_some_and(|l| l.iter().all(|l| l["paused"] == false)), "{lanes}");
+    let (code, r) = d.act(r#"{"action":"pause_reader","reader":"no-such-reader"}"#);
+    assert_eq!(code, 409, "{r}");
+
     // Batch 1: a card count.
     let (code, r) = d.act(r#"{"action":"start_batch","profile":"demo","name":"b1","cards":8}"#);
     assert_eq!(code, 200, "{r}");

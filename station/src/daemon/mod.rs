@@ -392,31 +392,40 @@ impl Controller for Daemon {
                 self.live.publish();
                 Ok(text.into())
             }
-            Action::PauseReader { reader } => self.pause(&reader, true),
-            Action::ResumeReader { reader } => self.pause(&reader, false),
+            pause => {
+                let lanes = self.live.snapshot().lanes.clone();
+                let Some((readers, paused)) = crate::control::pause_targets(&pause, &lanes) else {
+                    return Err(Refused("not a pause action".into()));
+                };
+                self.pause(&readers, paused)
+            }
         }
     }
 }
 
 impl Daemon {
-    fn pause(&self, reader: &str, paused: bool) -> Result<String, Refused> {
-        let known = self.live.snapshot().lanes.iter().any(|l| l.reader == reader);
-        if !known {
-            return Err(Refused(format!("no reader named {reader:?}")));
+    fn pause(&self, readers: &[String], paused: bool) -> Result<String, Refused> {
+        let lanes = self.live.snapshot().lanes.clone();
+        if let Some(r) = readers.iter().find(|r| !lanes.iter().any(|l| &l.reader == *r)) {
+            return Err(Refused(format!("no reader named {r:?}")));
         }
-        if paused {
-            lock(&self.paused).insert(reader.to_string());
-        } else {
-            lock(&self.paused).remove(reader);
-        }
-        // The running batch's workers see it at their next card.
-        if let Some(c) = lock(&self.current).as_ref() {
-            c.set_paused(reader, paused);
-        }
+        let current = lock(&self.current).clone();
         let mut m = self.live.model();
-        m.set_paused(reader, paused);
-        let text = format!("{reader} {}", if paused { "paused" } else { "resumed" });
-        m.log(SystemTime::now(), Level::Info, Some(reader), text.clone());
+        for reader in readers {
+            if paused {
+                lock(&self.paused).insert(reader.clone());
+            } else {
+                lock(&self.paused).remove(reader);
+            }
+            // The running batch's workers see it at their next card.
+            if let Some(c) = &current {
+                c.set_paused(reader, paused);
+            }
+            m.set_paused(reader, paused);
+        }
+        let what = if readers.len() == 1 { readers[0].clone() } else { format!("{} readers", readers.len()) };
+        let text = format!("{what} {}", if paused { "paused" } else { "resumed" });
+        m.log(SystemTime::now(), Level::Info, None, text.clone());
         drop(m);
         self.live.publish();
         Ok(text)

@@ -192,6 +192,11 @@ pub fn handle_key(key: KeyEvent, ui: &mut UiState, snap: &Snapshot) -> Option<Ac
             let reader = lane.reader.clone();
             Some(if lane.paused { Action::ResumeReader { reader } } else { Action::PauseReader { reader } })
         }
+        KeyCode::Char('P') => {
+            // Every reader: pause all when any runs, else resume all.
+            let all_paused = !snap.lanes.is_empty() && snap.lanes.iter().all(|l| l.paused);
+            Some(if all_paused { Action::Resume } else { Action::Pause })
+        }
         KeyCode::Char('d') => {
             ui.confirm = Some(Confirm::Drain);
             None

@@ -575,9 +575,10 @@ fn render_help(frame: &mut Frame, area: Rect, ui: &UiState) {
         Link::Local => "drain the batch, then close (asks y/n)",
         Link::Remote { .. } => "detach (the station runs on)",
     };
-    let rows: [(&str, &str); 9] = [
+    let rows: [(&str, &str); 10] = [
         ("↑ ↓  k j", "select a lane (Home/End: first, last)"),
         ("p", "pause / resume the selected reader"),
+        ("P", "pause / resume every reader"),
         ("d", "drain: finish cards in flight, take no new"),
         ("s", "stop: interrupt cards in flight"),
         ("y / n", "confirm / cancel"),

@@ -236,6 +236,13 @@ fn keys_select_lanes_and_pause_or_resume_the_selected_reader() {
     assert_eq!(handle_key(key('p'), &mut ui, &s), Some(Action::PauseReader { reader: "emu-2".into() }));
     s.lanes[2].paused = true;
     assert_eq!(handle_key(key('p'), &mut ui, &s), Some(Action::ResumeReader { reader: "emu-2".into() }));
+    // P pauses every reader, and resumes them once all are paused.
+    assert_eq!(handle_key(key('P'), &mut ui, &s), Some(Action::Pause));
+    let mut all = s.clone();
+    for l in &mut all.lanes {
+        l.paused = true;
+    }
+    assert_eq!(handle_key(key('P'), &mut ui, &all), Some(Action::Resume));
     ui.acted(Err(Refused("no reader named \"emu-2\"".into())));
     assert_eq!(ui.message, Some(("no reader named \"emu-2\"".into(), true)));
 }
