@@ -8,8 +8,9 @@ BUILD_PACKAGES=(build-essential pkg-config libpcsclite-dev)
 # report's HTML (station/tests/report.rs), promtool (Debian's prometheus
 # package) that checks the metrics exposition, the Grafana dashboard's
 # queries and the scrape config (station/tests/metrics.rs), and tmux, in
-# which the real dashboard runs and is read back (station/tests/dash_tmux.rs).
-TEST_PACKAGES=(chromium prometheus tmux)
+# which the real dashboard runs and is read back (station/tests/dash_tmux.rs),
+# and systemd-analyze that verifies the shipped unit (station/tests/daemon.rs).
+TEST_PACKAGES=(chromium prometheus tmux systemd)
 
 # as_root CMD...: runs CMD as root (sudo when not root).
 as_root() {

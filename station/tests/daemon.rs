@@ -283,3 +283,23 @@ fn bad_configurations_are_refused_naming_the_place() {
     let shipped = station::daemon::config::DaemonConfig::load(&repo().join("deploy/station.yaml"));
     assert!(shipped.is_ok(), "{:?}", shipped.err().map(|e| e.to_string()));
 }
+
+#[test]
+fn the_shipped_systemd_unit_verifies() {
+    // systemd-analyze checks the unit's syntax and that ExecStart exists;
+    // point it at the binary under test instead of /usr/local/bin.
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/tapline-station.service")).expect("unit");
+    assert!(unit.contains("ExecStart=/usr/local/bin/station daemon --config"), "{unit}");
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"), "SIGHUP reloads: {unit}");
+    assert!(unit.contains("KillSignal=SIGTERM"), "SIGTERM drains: {unit}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tapline-station.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/station", env!("CARGO_BIN_EXE_station"))).expect("write");
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| panic!("systemd-analyze (Debian package systemd) is needed to verify the unit: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success() && text.trim().is_empty(), "systemd-analyze verify complains:\n{text}");
+}
