@@ -185,3 +185,55 @@ fn station_dash_connect_shows_a_running_station_from_another_terminal() {
     let s = t.wait("the dashboard to detach", 10, |s| s.contains("EXIT="));
     assert!(s.contains("EXIT=0"), "{s}");
 }
+
+#[test]
+fn station_dash_connect_watches_a_daemon_between_and_during_batches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let config = dir.path().join("station.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "station_id: daemon-st\nlisten: 127.0.0.1:{port}\nledger: ledger.db\nreaders:\n  sim:\n    readers: 4\n    \
+             card_speed: 0.3\n    seed: 5\nprofiles:\n  demo: {}\n",
+            repo().join("profiles/demo.yaml").canonicalize().expect("profile").display()
+        ),
+    )
+    .expect("config");
+    let mut daemon = Station(
+        Command::new(env!("CARGO_BIN_EXE_station"))
+            .args(["daemon", "--config"])
+            .arg(&config)
+            .arg("--log-file")
+            .arg(dir.path().join("daemon.log"))
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("daemon runs"),
+    );
+    let cmd = format!("{} dash --connect 127.0.0.1:{port}", quote(Path::new(env!("CARGO_BIN_EXE_station"))));
+    let t = Tmux::start("daemon", &cmd);
+    // Between batches the daemon shows its readers idle.
+    let s = t.wait("the idle daemon", 30, |s| s.contains("station daemon-st") && s.contains("IDLE"));
+    assert!(s.contains("emu-00") && s.contains("emu-03"), "{s}");
+    // A batch started over the API shows up live.
+    let started = ureq::post(format!("http://127.0.0.1:{port}/api/actions"))
+        .send(r#"{"action":"start_batch","profile":"demo","name":"tmux-lot"}"#)
+        .expect("start");
+    assert_eq!(started.status().as_u16(), 200);
+    t.wait("the daemon's batch on the dashboard", 30, |s| dashboard_complete(s, "daemon-st") && s.contains("tmux-lot"));
+    t.wait("cards passing", 60, |s| s.contains("PASS "));
+    // Drained from the dashboard: the daemon goes back to idle and stays up.
+    t.keys("d");
+    t.wait("the drain question", 10, |s| s.contains("Drain the station"));
+    t.keys("y");
+    t.wait("the daemon idle again", 60, |s| s.contains("IDLE") && s.contains("finished"));
+    assert!(daemon.0.try_wait().expect("wait").is_none(), "the daemon keeps running between batches");
+    let ok = Command::new("kill").args(["-TERM", &daemon.0.id().to_string()]).status().expect("kill");
+    assert!(ok.success());
+    t.wait("connection lost after SIGTERM", 30, |s| s.contains("CONNECTION LOST"));
+    t.keys("q");
+    let s = t.wait("the dashboard to detach", 10, |s| s.contains("EXIT="));
+    assert!(s.contains("EXIT=0"), "{s}");
+}
