@@ -824,6 +824,9 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     let signals = station::signals::listen().context("cannot listen for signals")?;
     {
         let controller = Arc::clone(&controller);
+        // Under the dashboard the event log shows it; stderr would scribble
+        // over the screen.
+        let say = !dashboard_wanted(&args);
         std::thread::spawn(move || {
             let mut terms = 0;
             for sig in signals {
@@ -831,7 +834,9 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
                     station::signals::Signal::Terminate => {
                         terms += 1;
                         let action = if terms == 1 { Action::Drain } else { Action::Stop };
-                        if let Ok(text) = controller.act(action) {
+                        if let Ok(text) = controller.act(action)
+                            && say
+                        {
                             eprintln!("station: {text}");
                         }
                     }
