@@ -94,6 +94,11 @@ impl Failure {
         let (reason, retryable) = match e {
             CardError::Transport(TransportError::CardRemoved) => ("card removed".to_string(), true),
             CardError::Transport(TransportError::Timeout(_)) => ("card mute".to_string(), true),
+            // The reader or pcscd went away under the card: nothing is
+            // wrong with the card, it is retried once it is back.
+            CardError::Transport(
+                t @ (TransportError::ServiceUnavailable(_) | TransportError::ReaderUnavailable(_)),
+            ) => (t.to_string(), true),
             CardError::Transport(t) => (t.to_string(), t.is_retryable()),
             CardError::Status { command, sw } => (format!("{command} answered {:04X}", sw.0), false),
             CardError::Malformed { what, .. } => (format!("malformed {what}"), false),
@@ -757,5 +762,15 @@ mod tests {
         assert!(rng_health(&twice, &[counter.clone(), counter]).is_err(), "repeated chunk");
         let biased: Vec<u8> = good.iter().map(|b| b | 0x81).collect();
         assert!(rng_health(&biased, std::slice::from_ref(&biased)).is_err());
+    }
+
+    #[test]
+    fn a_lost_reader_or_pcscd_fails_the_card_retryably() {
+        // (ServiceUnavailable carries a pcsc::Error, which only
+        // card::transport can make; it takes the same arm.)
+        let gone = CardError::Transport(TransportError::ReaderUnavailable("emu-3".into()));
+        assert!(Failure::from_card_error(Step::Firmware, &gone).retryable);
+        let malformed = CardError::Transport(TransportError::ResponseTooLong(10));
+        assert!(!Failure::from_card_error(Step::Firmware, &malformed).retryable);
     }
 }

@@ -316,7 +316,13 @@ fn process(reader: &mut dyn CardReader, ctx: &Context) -> Result<CardOutcome, St
     let mut connected = match reader.connect() {
         Ok(t) => t,
         Err(e) => {
-            let retryable = e.is_retryable();
+            // A reader or pcscd that went away is no fault of the card.
+            let retryable = e.is_retryable()
+                || matches!(
+                    e,
+                    card::transport::TransportError::ServiceUnavailable(_)
+                        | card::transport::TransportError::ReaderUnavailable(_)
+                );
             return Ok(failed(Failure {
                 step: Step::Identify,
                 reason: "cannot connect to card".into(),
