@@ -136,7 +136,7 @@ pub fn markdown(r: &PlanResult) -> String {
         );
     }
     for s in &r.scenarios {
-        if s.notes.is_empty() && s.status != Status::Failed {
+        if s.notes.is_empty() && s.status != Status::Failed && s.cards.len() > 20 {
             continue;
         }
         let _ = writeln!(m, "\n## {} ({})\n", s.name, status_word(&s.status));
@@ -145,6 +145,19 @@ pub fn markdown(r: &PlanResult) -> String {
         }
         for p in problems(s) {
             let _ = writeln!(m, "- **{p}**");
+        }
+        if s.cards.len() <= 20 {
+            for c in &s.cards {
+                let _ = writeln!(
+                    m,
+                    "- {} {} ({}): {}; ledger: {}",
+                    c.field,
+                    c.card_id,
+                    c.kind.name(),
+                    c.attempts.join(" / "),
+                    c.ledger
+                );
+            }
         }
         let t = traces(s);
         if !t.is_empty() {
