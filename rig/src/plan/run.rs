@@ -165,10 +165,14 @@ pub struct ScenarioResult {
 
 impl ScenarioResult {
     fn skipped(name: &str, target: Target, why: impl Into<String>) -> Self {
+        Self::new(name, target, Status::Skipped(why.into()))
+    }
+
+    fn new(name: &str, target: Target, status: Status) -> Self {
         Self {
             name: name.into(),
             target,
-            status: Status::Skipped(why.into()),
+            status,
             elapsed: Duration::ZERO,
             problems: Vec::new(),
             cards: Vec::new(),
@@ -229,6 +233,12 @@ pub fn run_plan(
         Firmware::load(&plan.profile.firmware_dir, &plan.profile.release_keys)
             .map_err(|e| format!("firmware of {}: {e}", plan.profile.path.display()))?,
     );
+    if target == Target::Pcsc {
+        // No pcscd is a plan that cannot run, not a failed scenario.
+        let mut probe = PcscMonitor::new(ReaderFilter::new(["*".to_string()], [""; 0]), Sharing::Shared)
+            .map_err(|e| format!("no pcscd ({e}): start one with scripts/pcscd-vpcd.sh start N {}", pcsc.port_base))?;
+        probe.readers().map_err(|e| format!("pcscd: {e}"))?;
+    }
     let cal = calibrate(&plan.profile, &firmware)?;
     progress(&format!("calibration: {} APDUs a genuine card (no pairing)", cal.total));
     let mut scenarios = Vec::new();
@@ -316,10 +326,7 @@ fn run_scenario(
     let cards = match super::cards::make(&sc.cards, seed, firmware, cal) {
         Ok(c) => c,
         Err(e) => {
-            let mut r = ScenarioResult::skipped(&sc.name, target, "");
-            r.status = Status::Failed;
-            r.problems.push(e);
-            return r;
+            return failed(ScenarioResult::new(&sc.name, target, Status::Failed), e);
         }
     };
     execute(plan, sc, target, pcsc, firmware, cards)
@@ -507,8 +514,7 @@ fn execute(
     firmware: &Arc<Firmware>,
     cards: Vec<EmuCard>,
 ) -> ScenarioResult {
-    let mut result = ScenarioResult::skipped(&sc.name, target, "");
-    result.status = Status::Passed;
+    let mut result = ScenarioResult::new(&sc.name, target, Status::Passed);
     let profile = Arc::new(scenario_profile(plan, sc));
     let ids: Vec<CardId> = cards.iter().map(EmuCard::id).collect();
     let kinds: Vec<CardKind> = sc.cards.iter().map(|c| c.kind).collect();
@@ -577,6 +583,21 @@ fn execute(
                     );
                 }
             };
+            let mut m = TraceMonitor::new(Box::new(monitor), Arc::clone(&traces));
+            // The readers must be there before any card is fed.
+            match m.readers() {
+                Ok(l) if l.len() == sc.readers => {}
+                Ok(l) => {
+                    return failed(
+                        result,
+                        format!(
+                            "pcscd lists {l:?}, the scenario needs {names:?} (scripts/pcscd-vpcd.sh start N {})",
+                            pcsc.port_base
+                        ),
+                    );
+                }
+                Err(e) => return failed(result, format!("pcscd: {e}")),
+            }
             if let Err(e) = wait_empty(&names, Duration::from_secs(5)) {
                 return failed(result, e);
             }
@@ -594,29 +615,11 @@ fn execute(
                     ejections: Vec::new(),
                 }),
             };
-            let mut m = TraceMonitor::new(Box::new(monitor), Arc::clone(&traces));
-            match m.readers() {
-                Ok(l) if l.len() == sc.readers => {}
-                Ok(l) => {
-                    if let Some(f) = &pcsc_feeder {
-                        f.shutdown();
-                    }
-                    return failed(
-                        result,
-                        format!(
-                            "pcscd lists {l:?}, the scenario needs {names:?} (scripts/pcscd-vpcd.sh start N {})",
-                            pcsc.port_base
-                        ),
-                    );
-                }
-                Err(e) => return failed(result, format!("pcscd: {e}")),
-            }
             let handler = Arc::new(handler);
             pcsc_handler = Some(Arc::clone(&handler));
             (Box::new(m), handler as Arc<dyn CardHandler>)
         }
     };
-    let handler_any = Arc::clone(&handler);
 
     // Line faults fire when a card starts their step for the nth time.
     let mut fired: Vec<bool> = vec![false; sc.faults.len()];
@@ -665,7 +668,6 @@ fn execute(
     drop(recipe);
     drop(ledger);
     writer.close();
-    drop(handler_any);
     let end = match (&sim_line, &pcsc_feeder) {
         (Some(line), _) => {
             let mut st = line.lock();
