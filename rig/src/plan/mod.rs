@@ -146,6 +146,9 @@ struct RawScenario {
     readers: Option<Spanned<u32>>,
     #[serde(default)]
     bundles: Option<Spanned<bool>>,
+    /// Overrides the target's card speed for this scenario.
+    #[serde(default)]
+    card_speed: Option<Spanned<f64>>,
     cards: Vec<RawCards>,
     #[serde(default)]
     faults: Vec<RawLineFault>,
@@ -394,6 +397,8 @@ pub struct Scenario {
     pub readers: usize,
     /// Bundling on or off; `None`: as the profile says.
     pub bundles: Option<bool>,
+    /// The card speed for this scenario; `None`: the target's.
+    pub card_speed: Option<f64>,
     pub cards: Vec<CardSpec>,
     pub faults: Vec<LineFault>,
     pub expect: ScenarioExpect,
@@ -678,6 +683,7 @@ impl Validator {
         let targets = self.targets(raw.targets.as_ref(), &format!("{f}.targets"));
         let readers = self.readers(raw.readers.as_ref(), &format!("{f}.readers"), 1);
         let bundles = raw.bundles.as_ref().map(|b| b.value);
+        let card_speed = raw.card_speed.as_ref().map(|v| self.speed(Some(v), &format!("{f}.card_speed")));
         let bundling = bundles.unwrap_or_else(|| profile.is_some_and(|p| p.bundles.is_some()));
         if bundling
             && profile.is_some_and(|p| p.bundles.is_none())
@@ -783,6 +789,7 @@ impl Validator {
             targets,
             readers,
             bundles,
+            card_speed,
             cards,
             faults,
             expect: ScenarioExpect {

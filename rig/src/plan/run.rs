@@ -303,15 +303,12 @@ fn run_scenario(
         return ScenarioResult::skipped(&sc.name, target, format!("the plan runs it on {} only", on.join(", ")));
     }
     if target == Target::Pcsc {
-        if let Some(f) = sc.faults.first() {
+        if sc.faults.iter().any(|f| matches!(f.kind, LineFaultKind::ReaderUnplug { .. })) {
             return ScenarioResult::skipped(
                 &sc.name,
                 target,
-                format!(
-                    "{} is not modelled through pcscd by the plan runner (tests/tests/pcsc_faults.rs restarts pcscd \
-                     with fewer readers instead; docs/rig-plans.md)",
-                    f.kind.name()
-                ),
+                "vpcd readers cannot be unplugged one by one (tests/tests/pcsc_faults.rs restarts pcscd with \
+                 fewer readers instead; docs/rig-plans.md)",
             );
         }
         if sc.cards.iter().any(|c| c.kind == CardKind::Clone) {
@@ -463,6 +460,8 @@ struct PcscState {
 /// `reinsert` says, drains the batch once every card is binned.
 struct PcscHandler {
     feeder: Feeder,
+    /// While the fixture's power is cut: when it comes back.
+    power_back: Arc<Mutex<Option<Instant>>>,
     ids: HashMap<CardId, usize>,
     traces: Arc<Traces>,
     control: Arc<Control>,
@@ -484,6 +483,11 @@ impl CardHandler for PcscHandler {
         st.ejections.push(Ejection { reader: reader.clone(), spec, trace });
         if bin == Bin::Fail && spec != usize::MAX && st.reinserts[spec] > 0 {
             st.reinserts[spec] -= 1;
+            // The card goes back once the readers have power again.
+            let back = *self.power_back.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(wait) = back.map(|b| b.saturating_duration_since(Instant::now())) {
+                std::thread::sleep(wait);
+            }
             if !pulled {
                 let _ = self.feeder.remove(port);
             }
@@ -538,9 +542,10 @@ fn execute(
     let mut sim_line = None;
     let mut pcsc_feeder = None;
     let mut pcsc_handler: Option<Arc<PcscHandler>> = None;
+    let power_back: Arc<Mutex<Option<Instant>>> = Arc::default();
     let (mut monitor, handler): (Box<dyn ReaderMonitor>, Arc<dyn CardHandler>) = match target {
         Target::Sim => {
-            let bank = EmuBank::new(sc.readers, plan.sim_speed, Duration::from_millis(200));
+            let bank = EmuBank::new(sc.readers, sc.card_speed.unwrap_or(plan.sim_speed), Duration::from_millis(200));
             let line = Arc::new(SimLine {
                 bank: bank.clone(),
                 traces: Arc::clone(&traces),
@@ -601,11 +606,15 @@ fn execute(
             if let Err(e) = wait_empty(&names, Duration::from_secs(5)) {
                 return failed(result, e);
             }
-            let config = FeederConfig { speed: plan.pcsc_speed, ..FeederConfig::instant(first_port, sc.readers) };
+            let config = FeederConfig {
+                speed: sc.card_speed.unwrap_or(plan.pcsc_speed),
+                ..FeederConfig::instant(first_port, sc.readers)
+            };
             let feeder = Feeder::start(config, cards, Arc::new(|_| {}));
             pcsc_feeder = Some(feeder.clone());
             let handler = PcscHandler {
                 feeder,
+                power_back: Arc::clone(&power_back),
                 ids: ids.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
                 traces: Arc::clone(&traces),
                 control: Arc::clone(&control),
@@ -626,6 +635,8 @@ fn execute(
     let mut step_counts: HashMap<Step, u32> = HashMap::new();
     let fault_log: Arc<Mutex<Vec<String>>> = Arc::default();
     let bank_for_faults = sim_line.as_ref().map(|l| l.bank.clone());
+    let feeder_for_faults = pcsc_feeder.clone();
+    let (pcscd_base, power) = (pcsc.port_base, Arc::clone(&power_back));
     let faults = sc.faults.clone();
     let started = Instant::now();
     let log = Arc::clone(&fault_log);
@@ -638,15 +649,18 @@ fn execute(
                     fired[i] = true;
                     if let Some(bank) = &bank_for_faults {
                         fire_sim(bank, f.kind, f.duration);
-                        log.lock().unwrap_or_else(PoisonError::into_inner).push(format!(
-                            "{} fired at {:.2} s ({} #{}) for {} ms",
-                            f.kind.name(),
-                            started.elapsed().as_secs_f64(),
-                            f.step,
-                            f.nth,
-                            f.duration.as_millis()
-                        ));
                     }
+                    if let Some(feeder) = &feeder_for_faults {
+                        fire_pcsc(feeder, f.kind, f.duration, pcscd_base, &power, &log);
+                    }
+                    log.lock().unwrap_or_else(PoisonError::into_inner).push(format!(
+                        "{} fired at {:.2} s ({} #{}) for {} ms",
+                        f.kind.name(),
+                        started.elapsed().as_secs_f64(),
+                        f.step,
+                        f.nth,
+                        f.duration.as_millis()
+                    ));
                 }
             }
         }
@@ -733,6 +747,70 @@ fn fire_sim(bank: &EmuBank, kind: LineFaultKind, duration: Duration) {
             s.plug();
         }
     });
+}
+
+/// A line fault through pcscd: the fixture's power cut pulls every card
+/// out of its vpcd reader and puts the ones still aside back when the power
+/// returns; a pcscd restart runs scripts/pcscd-vpcd.sh with the readers it
+/// runs now (the rig's cards re-seat themselves when vpcd comes back).
+fn fire_pcsc(
+    feeder: &Feeder,
+    kind: LineFaultKind,
+    duration: Duration,
+    port_base: u16,
+    power_back: &Arc<Mutex<Option<Instant>>>,
+    log: &Arc<Mutex<Vec<String>>>,
+) {
+    let log = Arc::clone(log);
+    let note = move |line: String| log.lock().unwrap_or_else(PoisonError::into_inner).push(line);
+    match kind {
+        LineFaultKind::PowerCut => {
+            *power_back.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + duration);
+            let ports: Vec<u16> = feeder.config().ports().collect();
+            for p in &ports {
+                let _ = feeder.remove(*p);
+            }
+            let feeder = feeder.clone();
+            let power_back = Arc::clone(power_back);
+            std::thread::spawn(move || {
+                std::thread::sleep(duration);
+                *power_back.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                for (p, v) in feeder.status().slots {
+                    if matches!(v, SlotView::Pulled(_)) && ports.contains(&p) {
+                        let _ = feeder.insert(p);
+                    }
+                }
+            });
+        }
+        LineFaultKind::PcscdRestart => {
+            let readers = std::env::var("TAPLINE_VPCD_READERS").unwrap_or_else(|_| "8".into());
+            let Some(script) = pcscd_script() else {
+                note("pcscd_restart: scripts/pcscd-vpcd.sh not found from the current folder".into());
+                return;
+            };
+            std::thread::spawn(move || {
+                // `start` with the setup that runs is a no-op: stop first.
+                let out = std::process::Command::new("bash").arg(&script).arg("stop").output().and_then(|_| {
+                    std::process::Command::new("bash")
+                        .arg(&script)
+                        .args(["start", &readers, &port_base.to_string()])
+                        .output()
+                });
+                match out {
+                    Ok(o) if o.status.success() => note(format!("pcscd restarted with {readers} readers")),
+                    Ok(o) => note(format!("pcscd restart failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
+                    Err(e) => note(format!("pcscd restart failed: {e}")),
+                }
+            });
+        }
+        LineFaultKind::ReaderUnplug { .. } => {}
+    }
+}
+
+/// scripts/pcscd-vpcd.sh from the current folder or one of its parents.
+fn pcscd_script() -> Option<PathBuf> {
+    let here = std::env::current_dir().ok()?;
+    here.ancestors().map(|d| d.join("scripts/pcscd-vpcd.sh")).find(|p| p.is_file())
 }
 
 /// Interrupts the batch after `limit`.
@@ -1060,6 +1138,7 @@ fn run_sweep(
         targets: vec![target],
         readers: sweep.readers,
         bundles: Some(false),
+        card_speed: None,
         cards,
         faults: Vec::new(),
         expect: ScenarioExpect::default(),
