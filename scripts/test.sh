@@ -5,7 +5,8 @@
 # including the tests through the real PC/SC stack: this script starts a
 # private pcscd with 8 vpcd virtual readers (scripts/pcscd-vpcd.sh) for them
 # and stops it again at the end. Readers by port (P = TAPLINE_VPCD_PORT):
-# P, P+1 card and rig tests; P+2..P+5 tests/tests/pcsc.rs (P+4 also
+# P, P+1 card and rig tests; P+2..P+5 tests/tests/pcsc.rs and
+# rig/tests/plans.rs (the smoke plan through pcscd) (P+4 also
 # pcsc_restart.rs and station's gp test); P+4..P+7 tests/tests/pcsc_faults.rs,
 # which restarts pcscd with 6 readers mid-test and then with
 # TAPLINE_VPCD_READERS again (cargo runs test binaries one after another).

@@ -39,6 +39,29 @@ enum Command {
     /// QUIT on the control socket (prints the summary); Ctrl-C or SIGTERM
     /// end it without one.
     Vpcd(VpcdArgs),
+    /// Run a regression plan (docs/rig-plans.md): every scenario through the
+    /// station's own batch engine, outcomes compared with the plan's
+    /// expectations; writes junit.xml, summary.md and summary.html. Exit
+    /// code 0 when every scenario passed, 1 when one failed, 2 when the plan
+    /// is invalid or cannot run.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The plan file (YAML).
+    plan: PathBuf,
+    /// Where to run: emulated readers in-process (sim) or vpcd readers
+    /// behind the pcscd of scripts/pcscd-vpcd.sh (pcsc) [default: the plan's].
+    #[arg(long, value_name = "sim|pcsc")]
+    target: Option<String>,
+    /// Folder for junit.xml, summary.md, summary.html [default: reports/plans/NAME-TARGET].
+    #[arg(long, value_name = "DIR")]
+    report_dir: Option<PathBuf>,
+    /// The port base pcscd's vpcd readers were started with
+    /// [default: $TAPLINE_VPCD_PORT, else 35963].
+    #[arg(long, value_name = "P")]
+    vpcd_port_base: Option<u16>,
 }
 
 #[derive(clap::Args)]
@@ -88,8 +111,57 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Vpcd(args) => run_vpcd(args)?,
+        Command::Run(args) => std::process::exit(run_plan(args)),
     }
     Ok(())
+}
+
+/// `rig run`: the exit code (0 passed, 1 a scenario failed, 2 cannot run).
+fn run_plan(args: RunArgs) -> i32 {
+    use rig::plan::{Plan, Target, report, run};
+    let plan = match Plan::load(&args.plan) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
+    let target = match args.target.as_deref().map(|t| (t, Target::parse(t))) {
+        None => plan.target,
+        Some((_, Some(t))) => t,
+        Some((t, None)) => {
+            eprintln!("--target {t:?}: sim or pcsc");
+            return 2;
+        }
+    };
+    let mut pcsc = run::PcscSetup::default();
+    if let Some(p) = args.vpcd_port_base {
+        pcsc.port_base = p;
+    }
+    let dir = args.report_dir.unwrap_or_else(|| PathBuf::from(format!("reports/plans/{}-{target}", plan.name)));
+    println!("rig run: plan {} ({}) on {target}", plan.name, args.plan.display());
+    let result = match run::run_plan(&plan, target, &pcsc, |line| println!("{line}")) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rig run: {e}");
+            return 2;
+        }
+    };
+    if let Err(e) = report::write(&result, &dir) {
+        eprintln!("rig run: cannot write the reports to {}: {e}", dir.display());
+        return 2;
+    }
+    let count = |f: fn(&run::Status) -> bool| result.scenarios.iter().filter(|s| f(&s.status)).count();
+    println!(
+        "plan {}: {} passed, {} failed, {} skipped in {:.1} s; reports in {}",
+        if result.passed() { "PASSED" } else { "FAILED" },
+        count(|s| *s == run::Status::Passed),
+        count(|s| *s == run::Status::Failed),
+        count(|s| matches!(s, run::Status::Skipped(_))),
+        result.elapsed.as_secs_f64(),
+        dir.display()
+    );
+    if result.passed() { 0 } else { 1 }
 }
 
 fn run_vpcd(args: VpcdArgs) -> anyhow::Result<()> {

@@ -20,6 +20,9 @@ struct SlotInner {
     /// Bumped on every insertion and removal, so a transport notices that
     /// its card went away even if another arrived since.
     generation: u64,
+    /// The reader itself is gone (unplugged, its service restarting, its
+    /// power cut): every call on it fails as `ReaderUnavailable`.
+    unplugged: bool,
 }
 
 /// One emulated reader slot.
@@ -76,6 +79,33 @@ impl EmuSlot {
 
     pub fn is_occupied(&self) -> bool {
         self.lock().card.is_some()
+    }
+
+    /// The reader goes away (USB unplug, reader power lost) with whatever
+    /// card is in it: the card loses its field (RAM cleared, session gone),
+    /// connected transports are dead, and every call fails as
+    /// `ReaderUnavailable` until [`EmuSlot::plug`].
+    pub fn unplug(&self) {
+        let mut g = self.lock();
+        g.unplugged = true;
+        g.generation += 1;
+        if let Some(card) = g.card.as_mut() {
+            card.power_on();
+        }
+        self.changed.notify_all();
+    }
+
+    /// The reader is back; a card still in it shows as newly inserted, as a
+    /// re-enumerated reader reports it.
+    pub fn plug(&self) {
+        let mut g = self.lock();
+        g.unplugged = false;
+        g.generation += 1;
+        self.changed.notify_all();
+    }
+
+    pub fn is_unplugged(&self) -> bool {
+        self.lock().unplugged
     }
 
     /// Modeled card time spent in this slot so far (at speed 1.0).
@@ -147,6 +177,9 @@ impl CardReader for EmuReader {
         let deadline = Instant::now() + timeout;
         let mut g = self.slot.lock();
         loop {
+            if g.unplugged {
+                return Err(TransportError::ReaderUnavailable(self.slot.id.to_string()));
+            }
             let now = match &g.card {
                 Some(c) => SlotState::Present { atr: Atr(c.atr().to_vec()), insertion: g.generation },
                 None => SlotState::Empty,
@@ -164,6 +197,9 @@ impl CardReader for EmuReader {
 
     fn connect(&mut self) -> Result<Box<dyn Transport + Send + '_>, TransportError> {
         let mut g = self.slot.lock();
+        if g.unplugged {
+            return Err(TransportError::ReaderUnavailable(self.slot.id.to_string()));
+        }
         let generation = g.generation;
         let card = g.card.as_mut().ok_or(TransportError::NoCard)?;
         card.power_on();
@@ -194,6 +230,9 @@ impl Transport for EmuTransport {
     fn transmit_raw(&mut self, apdu: &[u8]) -> Result<Vec<u8>, TransportError> {
         let exchange = {
             let mut g = self.slot.lock();
+            if g.unplugged {
+                return Err(TransportError::ReaderUnavailable(self.slot.id.to_string()));
+            }
             if g.generation != self.generation {
                 return Err(TransportError::CardRemoved);
             }
@@ -232,11 +271,42 @@ impl Transport for EmuTransport {
 
     fn reset(&mut self) -> Result<(), TransportError> {
         let mut g = self.slot.lock();
+        if g.unplugged {
+            return Err(TransportError::ReaderUnavailable(self.slot.id.to_string()));
+        }
         if g.generation != self.generation {
             return Err(TransportError::CardRemoved);
         }
         let card = g.card.as_mut().ok_or(TransportError::CardRemoved)?;
         card.power_on();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emu::CardFaults;
+    use crate::emu::factory::{ChipFactory, ChipKind};
+
+    #[test]
+    fn an_unplugged_reader_fails_every_call_and_shows_its_card_anew_when_back() {
+        let bank = EmuBank::new(1, 0.0, Duration::from_millis(10));
+        let slot = Arc::clone(&bank.slots()[0]);
+        slot.insert(ChipFactory::new(1).make(ChipKind::Genuine, CardFaults::default())).expect("empty slot");
+        let mut reader = bank.reader(0).expect("reader");
+        let before = reader.wait_change(&SlotState::Empty, Duration::ZERO).expect("state");
+        {
+            let mut t = reader.connect().expect("connect");
+            slot.unplug();
+            assert!(matches!(t.transmit_raw(&[0, 0xA4, 4, 0]), Err(TransportError::ReaderUnavailable(_))));
+        }
+        assert!(matches!(reader.wait_change(&before, Duration::ZERO), Err(TransportError::ReaderUnavailable(_))));
+        assert!(matches!(reader.connect().err(), Some(TransportError::ReaderUnavailable(_))));
+        slot.plug();
+        let after = reader.wait_change(&before, Duration::ZERO).expect("back");
+        assert!(matches!(after, SlotState::Present { .. }) && after != before, "{after:?}");
+        let mut t = reader.connect().expect("connect again");
+        assert!(t.transmit_raw(&[0, 0xA4, 4, 0]).is_ok());
     }
 }
