@@ -9,8 +9,10 @@ BUILD_PACKAGES=(build-essential pkg-config libpcsclite-dev)
 # package) that checks the metrics exposition, the Grafana dashboard's
 # queries and the scrape config (station/tests/metrics.rs), and tmux, in
 # which the real dashboard runs and is read back (station/tests/dash_tmux.rs),
-# and systemd-analyze that verifies the shipped unit (station/tests/daemon.rs).
-TEST_PACKAGES=(chromium prometheus tmux systemd)
+# systemd-analyze that verifies the shipped unit (station/tests/daemon.rs),
+# and gdb, whose gcore dumps a running station for the secrets canary search
+# (station/tests/secrets.rs).
+TEST_PACKAGES=(chromium prometheus tmux systemd gdb)
 
 # as_root CMD...: runs CMD as root (sudo when not root).
 as_root() {

@@ -323,6 +323,19 @@ enum LedgerCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Check the audit log: the hash chain, each batch's signed head, and
+    /// that the cards, bundles, batches and steps are what the log says.
+    /// Exits non-zero naming the first bad row.
+    Verify {
+        #[arg(long, default_value = "tapline-ledger.db")]
+        ledger: PathBuf,
+        /// The station's audit public key (hex, or a file holding it) that
+        /// heads must be signed with.
+        #[arg(long, value_name = "HEX_OR_FILE")]
+        public_key: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -458,6 +471,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Ledger { command: LedgerCommand::Verify { ledger, public_key, json } } => {
+            verify_command(&ledger, public_key.as_deref(), json)
+        }
         Command::Report { ledger, batch, out } => report_command(&ledger, &batch, out),
         Command::Firmware { command } => firmware_command(command),
         Command::Gp { command } => gp_command(command),
@@ -494,6 +510,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+fn verify_command(ledger: &Path, public_key: Option<&str>, json: bool) -> anyhow::Result<()> {
+    use station::ledger::audit;
+    let pinned =
+        public_key.map(audit::parse_public_key).transpose().map_err(|e| anyhow::anyhow!("--public-key {e}"))?;
+    let report = audit::verify(ledger, pinned.as_ref())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("ledger {}: {} audit rows, {} batch head(s)", report.ledger, report.audit_rows, report.heads.len());
+        for h in &report.heads {
+            println!(
+                "  batch {} head at seq {} (covers seq {}): {}",
+                h.batch_id.map_or("?".to_string(), |b| b.to_string()),
+                h.seq,
+                h.head_seq,
+                h.signature
+            );
+        }
+        if report.rows_after_last_head > 0 {
+            println!("  {} row(s) after the last head (a batch running or cut short)", report.rows_after_last_head);
+        }
+        for w in &report.warnings {
+            println!("warning: {w}");
+        }
+        for p in &report.problems {
+            println!("BAD: {p}");
+        }
+        if report.ok() {
+            println!("intact");
+        }
+    }
+    match report.problems.first() {
+        None => Ok(()),
+        Some(p) => bail!(
+            "ledger verify: {p}{}",
+            match report.problems.len() {
+                1 => String::new(),
+                n => format!(" (and {} more)", n - 1),
+            }
+        ),
     }
 }
 
@@ -887,7 +946,7 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     ticker_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = ticker.join();
     let summary = result?;
-    ledger.finish_batch(batch_id)?;
+    ledger.finish_batch(batch_id, profile.audit_key.as_ref())?;
     drop(ledger);
     writer.close();
     print_summary(&summary, &args.ledger, &report_dir, profile.bundles.is_some());

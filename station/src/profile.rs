@@ -66,6 +66,10 @@ struct RawProfile {
     bundles: Option<RawBundles>,
     #[serde(default)]
     readers: RawReaders,
+    /// The station's audit signing key (k256, hex): `env:NAME` or
+    /// `file:PATH`; it signs each batch's audit head.
+    #[serde(default)]
+    audit_key: Option<Spanned<String>>,
 }
 
 /// Which PC/SC readers the station takes, by name pattern (`*`, `?`).
@@ -297,6 +301,8 @@ pub struct Profile {
     /// PC/SC reader selection and connection sharing.
     pub readers: card::transport::pcsc::ReaderFilter,
     pub sharing: card::transport::pcsc::Sharing,
+    /// Signs each batch's audit head; `None` leaves heads unsigned.
+    pub audit_key: Option<crate::ledger::AuditKey>,
 }
 
 /// What happens to a ready card that finds no partners.
@@ -615,6 +621,14 @@ impl Validator {
                 }
             },
         };
+        let audit_key =
+            raw.audit_key.as_ref().and_then(|v| match crate::ledger::AuditKey::resolve(&v.value, &self.base) {
+                Ok(k) => Some(k),
+                Err(detail) => {
+                    self.problem(v, "audit_key", detail);
+                    None
+                }
+            });
         if raw.retries.card.value > 5 {
             self.problem(&raw.retries.card, "retries.card", "at most 5");
         }
@@ -646,6 +660,7 @@ impl Validator {
             bundles,
             readers: card::transport::pcsc::ReaderFilter::new(raw.readers.include, raw.readers.exclude),
             sharing,
+            audit_key,
         })
     }
 }

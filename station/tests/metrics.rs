@@ -169,7 +169,7 @@ fn run_batch(readers: usize, cards: Vec<EmuCard>) -> Run {
         .expect("batch runs");
     live.model().batch_finished(Instant::now(), SystemTime::now());
     live.publish();
-    ledger.finish_batch(batch_id).expect("finish");
+    ledger.finish_batch(batch_id, None).expect("finish");
     drop(ledger);
     writer.close();
     let export = export::export(&ledger_path).expect("export");

@@ -91,11 +91,12 @@ pub fn run_batch_watched(
             firmware_sha256: hex::encode(firmware.load_file_sha256),
         })
         .expect("batch");
+    let profile_key = profile.audit_key.clone();
     let recipe = Arc::new(Recipe::new(profile, Arc::clone(&firmware), ledger.clone(), batch_id));
     let output = batch::Output { labels: Some(dir.path().join("labels")) };
     let summary =
         batch::run(&mut *monitor, recipe, handler, Some(target), output, Control::new(), on_event).expect("batch runs");
-    ledger.finish_batch(batch_id).expect("finish");
+    ledger.finish_batch(batch_id, profile_key.as_ref()).expect("finish");
     drop(ledger);
     writer.close();
     let export = export::export(&ledger_path).expect("export");

@@ -413,6 +413,13 @@ impl EmuCard {
         }
     }
 
+    /// The wallet secret, read straight from the emulated chip's memory:
+    /// a probe on the model for the secrets canary test (the wallet
+    /// protocol never lets it out of a card, and the host never sees it).
+    pub fn wallet_secret_for_tests(&self) -> Option<zeroize::Zeroizing<[u8; 32]>> {
+        self.mem.wallet.as_ref().and_then(|w| w.wallet_key.clone())
+    }
+
     /// The key set of a version, for tests that need to authenticate as the
     /// factory or check a rotation.
     pub fn key_set(&self, version: u8) -> Option<crate::gp::keys::StaticKeys> {

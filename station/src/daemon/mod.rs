@@ -299,7 +299,7 @@ impl Daemon {
         let live = Arc::clone(&self.live);
         let summary =
             batch::run(monitor, recipe, Arc::clone(handler), req.cards, output, control, |ev| live.on_event(ev))?;
-        ledger.finish_batch(batch_id)?;
+        ledger.finish_batch(batch_id, profile.audit_key.as_ref())?;
         tracing::info!(
             batch = %req.name,
             passed = summary.passed(),

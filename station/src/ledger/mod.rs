@@ -5,6 +5,7 @@
 //! that arrive together in one transaction (group commit), so durability
 //! costs one fsync per round, not per card.
 
+pub mod audit;
 pub mod export;
 pub mod read;
 mod schema;
@@ -18,6 +19,7 @@ use card::CardId;
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{Connection, OptionalExtension, params};
 
+pub use audit::AuditKey;
 pub use schema::SCHEMA_VERSION;
 
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +115,7 @@ pub struct BatchInfo {
 
 enum Op {
     StartBatch(BatchInfo),
-    FinishBatch(i64),
+    FinishBatch { batch: i64, key: Option<AuditKey> },
     BeginCard { card: CardId, reader: String, batch: i64, atr: String, cplc: String },
     Step { card: CardId, attempt: u32, step: &'static str, event: StepEvent, detail: String, reader: String },
     StepDone { card: CardId, attempt: u32, step: &'static str, detail: String, update: CardUpdate },
@@ -198,7 +200,7 @@ impl Ledger {
     /// Opens (creating and migrating) the ledger file and starts its writer.
     pub fn open(path: &Path) -> Result<(Ledger, LedgerWriter), LedgerError> {
         let mut conn = open_connection(path)?;
-        schema::migrate(&mut conn)
+        schema::migrate(&mut conn, &now())
             .map_err(|source| LedgerError::Sqlite { path: path.to_path_buf(), source })?
             .map_err(|detail| LedgerError::Refused { path: path.to_path_buf(), detail })?;
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -240,8 +242,11 @@ impl Ledger {
         }
     }
 
-    pub fn finish_batch(&self, batch: i64) -> Result<(), LedgerError> {
-        self.call(Op::FinishBatch(batch)).map(|_| ())
+    /// Records the batch finished and closes its stretch of the audit log
+    /// with a head signed by `key` (unsigned without one; `ledger verify`
+    /// then warns).
+    pub fn finish_batch(&self, batch: i64, key: Option<&AuditKey>) -> Result<(), LedgerError> {
+        self.call(Op::FinishBatch { batch, key: key.cloned() }).map(|_| ())
     }
 
     /// Records the start of an attempt on a card (creating its row on first
@@ -361,8 +366,13 @@ fn writer(mut conn: Connection, rx: Receiver<Request>, path: PathBuf) {
             for req in &group {
                 // Each request in its own savepoint: one refused request
                 // does not undo the others in the group.
+                // The op and its audit row commit together or not at all.
                 let mut sp = tx.savepoint()?;
-                let r = apply(&sp, &req.op, &ts);
+                let r = audit::last_step_id(&sp).map_err(ApplyError::from).and_then(|steps_before| {
+                    let reply = apply(&sp, &req.op, &ts)?;
+                    audit::record(&sp, &req.op, &reply, &ts, steps_before)?;
+                    Ok(reply)
+                });
                 match r {
                     Ok(reply) => {
                         sp.commit()?;
@@ -417,7 +427,7 @@ fn apply(tx: &Connection, op: &Op, ts: &str) -> Result<Reply, ApplyError> {
             )?;
             Ok(Reply::Id(tx.last_insert_rowid()))
         }
-        Op::FinishBatch(id) => {
+        Op::FinishBatch { batch: id, .. } => {
             tx.execute("UPDATE batches SET finished_at = ?1 WHERE id = ?2", params![ts, id])?;
             Ok(Reply::Unit)
         }
@@ -725,6 +735,55 @@ mod tests {
         drop(conn);
         let err = Ledger::open(&path).err().expect("refused");
         assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn a_schema_2_ledger_is_migrated_with_its_history_adopted_and_verifies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.db");
+        let conn = Connection::open(&path).expect("conn");
+        conn.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL)").expect("versions");
+        for (i, sql) in schema::MIGRATIONS.iter().take(2).enumerate() {
+            conn.execute_batch(sql).expect("migration");
+            conn.execute("INSERT INTO schema_version (version) VALUES (?1)", [(i + 1) as i64]).expect("version");
+        }
+        conn.execute_batch(
+            "INSERT INTO batches (name, profile, product, firmware, firmware_sha256, started_at, finished_at)
+               VALUES ('old', 'p', 'x', 'f', '00', '2025-01-01T00:00:00.000Z', '2025-01-01T01:00:00.000Z');
+             INSERT INTO cards (card_id, status, batch_id, reader, attempts, serial, first_seen, updated_at)
+               VALUES ('0101010101', 'passed', 1, 'r', 1, 1, '2025-01-01T00:00:01.000Z', '2025-01-01T00:00:02.000Z');
+             INSERT INTO steps (card_id, attempt, step, event, detail, at)
+               VALUES ('0101010101', 1, 'record', 'done', 'serial 1', '2025-01-01T00:00:02.000Z');",
+        )
+        .expect("old history");
+        drop(conn);
+        let (l, w) = Ledger::open(&path).expect("migrate");
+        let b = l
+            .start_batch(BatchInfo {
+                name: "new".into(),
+                profile: "p".into(),
+                product: "x".into(),
+                firmware: "f".into(),
+                firmware_sha256: "00".into(),
+            })
+            .expect("batch");
+        l.begin_card(id(9), "r", b, "", "").expect("begin");
+        l.pass(id(9), 1, "ready_for_pairing").expect("pass");
+        l.finish_batch(b, None).expect("finish");
+        drop(l);
+        w.close();
+        let report = audit::verify(&path, None).expect("verify");
+        assert!(report.ok(), "{:?}", report.problems);
+        assert!(report.warnings.iter().any(|w| w.contains("adopted")), "{:?}", report.warnings);
+        assert!(report.warnings.iter().any(|w| w.contains("unsigned")), "{:?}", report.warnings);
+        // The old batch is finished but has no head: adopted history is
+        // not held to the rule a new batch is.
+        let conn = Connection::open(&path).expect("conn");
+        conn.execute("UPDATE cards SET serial = 5 WHERE card_id = '0101010101'", []).expect("tamper");
+        drop(conn);
+        let report = audit::verify(&path, None).expect("verify");
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert!(report.problems[0].message.contains("serial is 5"), "{}", report.problems[0]);
     }
 
     #[test]

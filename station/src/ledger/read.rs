@@ -158,7 +158,7 @@ mod tests {
         l.begin_card(c1, "r0", b1, "", "").expect("begin");
         l.step(c1, 1, "identify", StepEvent::Intent, "", "r0").expect("step");
         l.pass(c1, 1, "ready_for_pairing").expect("pass");
-        l.finish_batch(b1).expect("finish");
+        l.finish_batch(b1, None).expect("finish");
         std::thread::sleep(std::time::Duration::from_millis(5));
         let b2 = l.start_batch(info("second")).expect("batch");
         l.begin_card(c2, "r1", b2, "", "").expect("begin");

@@ -4,7 +4,7 @@
 use rusqlite::Connection;
 
 /// Ordered migrations; index + 1 is the schema version they produce.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 1: batches, cards, the step journal, bundles (filled by pairing).
     r"
     CREATE TABLE batches (
@@ -80,13 +80,33 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE UNIQUE INDEX one_sealed_bundle_per_card ON bundle_members(card_id) WHERE sealed = 1;
     ",
+    // 3: the audit log (ledger::audit). AUTOINCREMENT keeps the highest seq
+    // ever issued in sqlite_sequence, so a cut tail shows.
+    r"
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        batch_id INTEGER,
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        card_id TEXT,
+        step TEXT,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE
+    );
+    CREATE INDEX audit_by_card ON audit(card_id, seq);
+    ",
 ];
+
+/// The version that added the audit log; a ledger migrated to it with
+/// history already in it gets that history adopted (`audit::adopt`).
+const AUDIT_VERSION: usize = 3;
 
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
 /// Brings a database to the current schema. Refuses a database from a newer
 /// Tapline rather than guessing.
-pub fn migrate(conn: &mut Connection) -> rusqlite::Result<Result<(), String>> {
+pub fn migrate(conn: &mut Connection, now: &str) -> rusqlite::Result<Result<(), String>> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let current: usize = tx
@@ -100,6 +120,9 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<Result<(), String>> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         tx.execute_batch(sql)?;
         tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [(i + 1) as i64])?;
+        if i + 1 == AUDIT_VERSION && current > 0 {
+            super::audit::adopt(&tx, current, now)?;
+        }
     }
     tx.commit()?;
     Ok(Ok(()))
