@@ -678,7 +678,7 @@ fn execute(
     );
     let timed_out = watchdog.stop();
     result.elapsed = started.elapsed();
-    let _ = ledger.finish_batch(batch_id);
+    let _ = ledger.finish_batch(batch_id, recipe.profile.audit_key.as_ref());
     drop(recipe);
     drop(ledger);
     writer.close();
