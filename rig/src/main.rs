@@ -39,6 +39,23 @@ enum Command {
     /// QUIT on the control socket (prints the summary); Ctrl-C or SIGTERM
     /// end it without one.
     Vpcd(VpcdArgs),
+    /// The emulated serial card fixture (docs/fixtures.md).
+    Fixture {
+        #[command(subcommand)]
+        command: FixtureCommand,
+    },
+    /// USB smart-card readers: list them, power-cycle their hub port.
+    Usb {
+        #[command(subcommand)]
+        command: rig::usb::UsbCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FixtureCommand {
+    /// Serve the fixture protocol on one end of a pty pair, e.g. after
+    /// `socat -d -d pty,raw,echo=0,link=/tmp/tty-station pty,raw,echo=0,link=/tmp/tty-fixture`.
+    Serve(rig::fixture::ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -88,6 +105,8 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Vpcd(args) => run_vpcd(args)?,
+        Command::Fixture { command: FixtureCommand::Serve(args) } => rig::fixture::run_serve(args)?,
+        Command::Usb { command } => std::process::exit(rig::usb::run(command)),
     }
     Ok(())
 }
