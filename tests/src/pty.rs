@@ -66,7 +66,18 @@ impl PtyPair {
         let b = ends.pop().expect("two ends");
         let a = ends.pop().expect("two ends");
         match links {
-            Some((la, lb)) => Self { child, a: la.to_path_buf(), b: lb.to_path_buf() },
+            Some((la, lb)) => {
+                // socat reports a pty before it makes the link to it.
+                let started = std::time::Instant::now();
+                while !(la.exists() && lb.exists()) {
+                    if started.elapsed() > Duration::from_secs(5) {
+                        let _ = child.kill();
+                        panic!("socat did not make the links {} and {} within 5 s", la.display(), lb.display());
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Self { child, a: la.to_path_buf(), b: lb.to_path_buf() }
+            }
             None => Self { child, a, b },
         }
     }
