@@ -277,7 +277,7 @@ struct RunArgs {
     /// With --pcsc: a serial card fixture (docs/fixtures.md) that bins each
     /// card PASS/FAIL, feeds the next and power-cycles a reader that stops
     /// answering: serial:/dev/ttyX[,power=/dev/ttyY][,cycle-ms=N].
-    #[arg(long, value_name = "SPEC", conflicts_with = "feeder", requires = "pcsc")]
+    #[arg(long, value_name = "SPEC", conflicts_with_all = ["feeder", "sim"])]
     fixture: Option<String>,
     /// Cards to take to a final state.
     #[arg(long, value_name = "COUNT")]
@@ -733,6 +733,10 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 
 fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     let faults: SimFaults = args.sim_faults.parse()?;
+    let fixture: Option<station::fixture::FixtureSpec> = match args.fixture.as_deref() {
+        Some(f) => Some(f.parse().map_err(|e| anyhow::anyhow!("--fixture {f:?}: {e}"))?),
+        None => None,
+    };
     if args.sim == Some(0) {
         bail!("--sim must be at least 1 reader");
     }
@@ -787,12 +791,9 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
                 "cannot reach pcscd (is it running? scripts/pcscd-vpcd.sh starts one with emulated readers)",
             )?;
             let handler: Arc<dyn CardHandler> = match args.feeder.as_deref() {
-                None if args.fixture.is_some() => {
-                    let spec = args.fixture.as_deref().unwrap_or_default();
-                    let spec: station::fixture::FixtureSpec =
-                        spec.parse().map_err(|e| anyhow::anyhow!("--fixture {spec:?}: {e}"))?;
+                None if let Some(spec) = &fixture => {
                     let readers = monitor.readers().context("listing the readers for the fixture")?;
-                    Arc::new(station::fixture::serial::SerialFeeder::start(&spec, readers))
+                    Arc::new(station::fixture::serial::SerialFeeder::start(spec, readers))
                 }
                 None => Arc::new(ManualHandler),
                 Some(f) => {
