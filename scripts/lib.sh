@@ -1,8 +1,10 @@
 # Shared helpers for the scripts in this folder. Source it; don't run it.
 
 # The Debian packages a build of this workspace needs: a C compiler for the
-# bundled SQLite, pkg-config for -sys crates, and the PC/SC client library.
-BUILD_PACKAGES=(build-essential pkg-config libpcsclite-dev)
+# bundled SQLite, pkg-config for -sys crates, the PC/SC client library, and
+# libudev and libusb for the fixtures (serialport, rusb: without
+# libusb-1.0-0-dev rusb quietly builds its own copy of libusb).
+BUILD_PACKAGES=(build-essential pkg-config libpcsclite-dev libudev-dev libusb-1.0-0-dev)
 
 # What the tests need on top: a headless browser that renders the batch
 # report's HTML (station/tests/report.rs), promtool (Debian's prometheus
@@ -10,9 +12,10 @@ BUILD_PACKAGES=(build-essential pkg-config libpcsclite-dev)
 # queries and the scrape config (station/tests/metrics.rs), and tmux, in
 # which the real dashboard runs and is read back (station/tests/dash_tmux.rs),
 # systemd-analyze that verifies the shipped unit (station/tests/daemon.rs),
-# and gdb, whose gcore dumps a running station for the secrets canary search
-# (station/tests/secrets.rs).
-TEST_PACKAGES=(chromium prometheus tmux systemd gdb)
+# gdb, whose gcore dumps a running station for the secrets canary search
+# (station/tests/secrets.rs), and socat, which makes the pty pairs the serial
+# fixture tests talk over (tests/tests/fixture_serial.rs).
+TEST_PACKAGES=(chromium prometheus tmux systemd gdb socat)
 
 # as_root CMD...: runs CMD as root (sudo when not root).
 as_root() {

@@ -1,9 +1,11 @@
 //! The Tapline rig: lab tooling around the station. It makes the demo
 //! firmware's CAP file, prints the demo vendor CA, and puts emulated cards
-//! behind a real pcscd (`vpcd`); regression plans, fault scenarios and
-//! fixtures come here next.
+//! behind a real pcscd (`vpcd`), emulates the serial card fixture
+//! (`fixture`) and finds and power-cycles USB readers (`usb`).
 
+pub mod fixture;
 pub mod plan;
+pub mod usb;
 pub mod vpcd;
 
 use card::cap::{CapBuilder, CapError};

@@ -45,6 +45,23 @@ enum Command {
     /// code 0 when every scenario passed, 1 when one failed, 2 when the plan
     /// is invalid or cannot run.
     Run(RunArgs),
+    /// The emulated serial card fixture (docs/fixtures.md).
+    Fixture {
+        #[command(subcommand)]
+        command: FixtureCommand,
+    },
+    /// USB smart-card readers: list them, power-cycle their hub port.
+    Usb {
+        #[command(subcommand)]
+        command: rig::usb::UsbCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FixtureCommand {
+    /// Serve the fixture protocol on one end of a pty pair, e.g. after
+    /// `socat -d -d pty,raw,echo=0,link=/tmp/tty-station pty,raw,echo=0,link=/tmp/tty-fixture`.
+    Serve(rig::fixture::ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -112,6 +129,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Vpcd(args) => run_vpcd(args)?,
         Command::Run(args) => std::process::exit(run_plan(args)),
+        Command::Fixture { command: FixtureCommand::Serve(args) } => rig::fixture::run_serve(args)?,
+        Command::Usb { command } => std::process::exit(rig::usb::run(command)),
     }
     Ok(())
 }

@@ -2,7 +2,9 @@
 //! the next one on. `CardHandler` is the seam; with no fixture an operator
 //! does it by hand (`ManualHandler`); on emulated readers `EmuFeeder` plays
 //! the card feeder and sorter: it bins each finished card and feeds the next
-//! one from the emulated chip factory.
+//! one from the emulated chip factory. A serial fixture's feeder
+//! (`fixture::serial::SerialFeeder`) is a `CardHandler` too, and brings its
+//! power relays along (`CardHandler::power`).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -23,6 +25,20 @@ pub trait CardHandler: Send + Sync {
     /// The card on `reader` is finished: sort it into `bin`, and feed the
     /// next card if there is one.
     fn eject(&self, reader: &ReaderId, bin: Bin);
+
+    /// Like `eject`, but says when the fixture could not do it; the worker
+    /// then parks the reader and tries again until it can. Handlers that
+    /// cannot tell (the operator, the rig's socket) keep the default.
+    fn try_eject(&self, reader: &ReaderId, bin: Bin) -> Result<(), crate::fixture::FixtureError> {
+        self.eject(reader, bin);
+        Ok(())
+    }
+
+    /// The power relays of the readers, if the fixture has them: the worker
+    /// power-cycles a reader that stopped answering.
+    fn power(&self) -> Option<&dyn crate::fixture::PowerSwitch> {
+        None
+    }
 }
 
 /// No fixture: the operator removes and inserts cards; the station waits.

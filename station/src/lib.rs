@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod dash;
 pub mod doctor;
 pub mod firmware;
+pub mod fixture;
 pub mod gp_tool;
 pub mod handler;
 pub mod http;

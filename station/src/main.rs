@@ -274,6 +274,11 @@ struct RunArgs {
     /// feeder behind vpcd. Without it the operator removes and inserts cards.
     #[arg(long, value_name = "FEEDER")]
     feeder: Option<String>,
+    /// With --pcsc: a serial card fixture (docs/fixtures.md) that bins each
+    /// card PASS/FAIL, feeds the next and power-cycles a reader that stops
+    /// answering: serial:/dev/ttyX[,power=/dev/ttyY][,cycle-ms=N].
+    #[arg(long, value_name = "SPEC", conflicts_with_all = ["feeder", "sim"])]
+    fixture: Option<String>,
     /// Cards to take to a final state.
     #[arg(long, value_name = "COUNT")]
     cards: usize,
@@ -787,6 +792,10 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 
 fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     let faults: SimFaults = args.sim_faults.parse()?;
+    let fixture: Option<station::fixture::FixtureSpec> = match args.fixture.as_deref() {
+        Some(f) => Some(f.parse().map_err(|e| anyhow::anyhow!("--fixture {f:?}: {e}"))?),
+        None => None,
+    };
     if args.sim == Some(0) {
         bail!("--sim must be at least 1 reader");
     }
@@ -837,10 +846,14 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
             let mut filter = profile.readers.clone();
             filter.include.extend(args.reader_include.iter().cloned());
             filter.exclude.extend(args.reader_exclude.iter().cloned());
-            let monitor = PcscMonitor::new(filter, profile.sharing).context(
+            let mut monitor = PcscMonitor::new(filter, profile.sharing).context(
                 "cannot reach pcscd (is it running? scripts/pcscd-vpcd.sh starts one with emulated readers)",
             )?;
             let handler: Arc<dyn CardHandler> = match args.feeder.as_deref() {
+                None if let Some(spec) = &fixture => {
+                    let readers = monitor.readers().context("listing the readers for the fixture")?;
+                    Arc::new(station::fixture::serial::SerialFeeder::start(spec, readers))
+                }
                 None => Arc::new(ManualHandler),
                 Some(f) => {
                     let addr = f

@@ -67,6 +67,26 @@ pub enum Event {
 /// How often a worker looks at its stop flag while waiting.
 const POLL: Duration = Duration::from_millis(200);
 
+/// Reader errors in a row before the worker power-cycles the reader (when
+/// the fixture has power relays).
+const ERRORS_BEFORE_CYCLE: u32 = 2;
+/// Power cycles that did not bring the reader back before it is parked.
+const MAX_CYCLES: u32 = 3;
+/// How often a parked reader is looked at again.
+const PARKED_RETRY: Duration = Duration::from_secs(2);
+
+/// Sleeps `d` unless the worker is told to stop; true when it is.
+fn sleep_or_stop(d: Duration, stop: &AtomicBool) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if stop.load(Ordering::Relaxed) {
+            return true;
+        }
+        std::thread::sleep(POLL.min(until.saturating_duration_since(Instant::now())));
+    }
+    stop.load(Ordering::Relaxed)
+}
+
 /// How the operator steers the workers of a batch: pause a reader, drain
 /// (finish the cards in flight, take no new ones), interrupt (cards in
 /// flight stop at their next step and are recorded failed-and-retryable).
@@ -227,14 +247,48 @@ pub fn run(mut reader: Box<dyn CardReader>, ctx: Context) {
         let _ = ctx.events.send(Event::Lane { reader: id.clone(), state });
     };
     let mut known = SlotState::Empty;
+    // Reader errors in a row, and power cycles since the reader last answered.
+    let (mut errors, mut cycles) = (0u32, 0u32);
     lane(LaneState::InsertCard);
     while !ctx.stop.load(Ordering::Relaxed) {
         let state = match reader.wait_change(&known, POLL) {
-            Ok(s) => s,
+            Ok(s) => {
+                if errors > 0 {
+                    tracing::info!(reader = %id, "reader answers again");
+                    lane(LaneState::InsertCard);
+                }
+                (errors, cycles) = (0, 0);
+                s
+            }
             Err(card::transport::TransportError::Cancelled) => break,
             Err(e) => {
-                lane(LaneState::ReaderError(e.to_string()));
-                std::thread::sleep(Duration::from_secs(1));
+                errors += 1;
+                let pause = match ctx.handler.power() {
+                    Some(power) if errors >= ERRORS_BEFORE_CYCLE && cycles < MAX_CYCLES => {
+                        cycles += 1;
+                        errors = 0;
+                        tracing::warn!(reader = %id, error = %e, cycle = cycles, "reader stopped answering; power-cycling it");
+                        lane(LaneState::ReaderError(format!("{e}; power cycle {cycles} of {MAX_CYCLES}")));
+                        if let Err(pe) = power.cycle(&id) {
+                            tracing::error!(reader = %id, error = %pe, "power cycle failed");
+                        }
+                        Duration::from_millis(200)
+                    }
+                    Some(_) if cycles >= MAX_CYCLES => {
+                        if errors == 1 {
+                            tracing::error!(reader = %id, error = %e, "reader still not answering after {MAX_CYCLES} power cycles; parked");
+                        }
+                        lane(LaneState::ReaderError(format!(
+                            "parked: {e} (still not answering after {MAX_CYCLES} power cycles)"
+                        )));
+                        PARKED_RETRY
+                    }
+                    _ => {
+                        lane(LaneState::ReaderError(e.to_string()));
+                        Duration::from_secs(1)
+                    }
+                };
+                sleep_or_stop(pause, &ctx.stop);
                 continue;
             }
         };
@@ -295,7 +349,22 @@ pub fn run(mut reader: Box<dyn CardReader>, ctx: Context) {
         let bin = if outcome.passed() { Bin::Pass } else { Bin::Fail };
         lane(if outcome.passed() { LaneState::Pass } else { LaneState::Fail });
         let _ = ctx.events.send(Event::Outcome(outcome));
-        ctx.handler.eject(&id, bin);
+        // A fixture that cannot bin the card parks the reader (the card
+        // stays on it) until the fixture answers again.
+        let mut parked = false;
+        while let Err(e) = ctx.handler.try_eject(&id, bin) {
+            if !parked {
+                tracing::error!(reader = %id, error = %e, "fixture failed; reader parked until it answers again");
+                parked = true;
+            }
+            lane(LaneState::ReaderError(format!("parked: {e}")));
+            if sleep_or_stop(PARKED_RETRY, &ctx.stop) {
+                break;
+            }
+        }
+        if parked {
+            tracing::info!(reader = %id, "fixture answers again; reader back in service");
+        }
         lane(LaneState::RemoveCard);
     }
 }

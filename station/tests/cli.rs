@@ -178,3 +178,37 @@ fn firmware_verify_accepts_the_demo_and_refuses_a_tampered_copy() {
     assert!(!o.status.success());
     assert!(text(&o).contains("signature does not verify"), "{}", text(&o));
 }
+
+#[test]
+fn a_fixture_needs_pcsc_and_a_serial_spec() {
+    let o = station(&[
+        "run",
+        "--profile",
+        "profiles/demo.yaml",
+        "--sim",
+        "2",
+        "--cards",
+        "1",
+        "--fixture",
+        "serial:/dev/null",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cannot be used with"), "{}", text(&o));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = dir.path().join("l.db");
+    let o = station(&[
+        "run",
+        "--profile",
+        "profiles/demo.yaml",
+        "--pcsc",
+        "--cards",
+        "1",
+        "--headless",
+        "--ledger",
+        ledger.to_str().expect("utf8"),
+        "--fixture",
+        "/dev/ttyUSB0",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--fixture \"/dev/ttyUSB0\": expected serial:"), "{}", text(&o));
+}

@@ -3,6 +3,8 @@
 //! readers, and hands back the summary, the ledger export and every card as
 //! it really is, so tests can compare all three.
 
+pub mod pty;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

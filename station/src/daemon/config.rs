@@ -83,6 +83,9 @@ struct RawPcsc {
     exclude: Vec<String>,
     #[serde(default)]
     feeder: Option<Spanned<String>>,
+    /// A serial fixture (docs/fixtures.md): serial:/dev/ttyX[,power=/dev/ttyY].
+    #[serde(default)]
+    fixture: Option<Spanned<String>>,
 }
 
 /// Where the daemon's cards come from.
@@ -90,8 +93,14 @@ struct RawPcsc {
 pub enum ReaderSource {
     /// Emulated readers fed by the emulated feeder from an endless hopper.
     Sim { readers: usize, card_speed: f64, faults: SimFaults, seed: Option<u64> },
-    /// The system's pcscd; `feeder` is the rig's control socket, if any.
-    Pcsc { include: Vec<String>, exclude: Vec<String>, feeder: Option<SocketAddr> },
+    /// The system's pcscd; `feeder` is the rig's control socket, if any;
+    /// `fixture` a serial feeder/sorter (and power relays), if any.
+    Pcsc {
+        include: Vec<String>,
+        exclude: Vec<String>,
+        feeder: Option<SocketAddr>,
+        fixture: Option<crate::fixture::FixtureSpec>,
+    },
 }
 
 /// The daemon's validated configuration.
@@ -237,7 +246,22 @@ impl DaemonConfig {
                         }
                     },
                 };
-                Some(ReaderSource::Pcsc { include: p.include.clone(), exclude: p.exclude.clone(), feeder })
+                let fixture = match &p.fixture {
+                    None => None,
+                    Some(f) => match f.value.parse::<crate::fixture::FixtureSpec>() {
+                        Ok(spec) => Some(spec),
+                        Err(e) => {
+                            let (l, c) = at!(f);
+                            problem(l, c, "readers.pcsc.fixture", e);
+                            None
+                        }
+                    },
+                };
+                if let (Some(_), Some(f)) = (&feeder, &p.fixture) {
+                    let (l, c) = at!(f);
+                    problem(l, c, "readers.pcsc.fixture", "give either `feeder` or `fixture`, not both".into());
+                }
+                Some(ReaderSource::Pcsc { include: p.include.clone(), exclude: p.exclude.clone(), feeder, fixture })
             }
             _ => {
                 problem(0, 0, "readers", "give exactly one of `sim` or `pcsc`".into());
@@ -323,5 +347,21 @@ mod tests {
         assert!(!e.to_string().contains("short-secret-x"), "{e}");
         let e = parse("station_id: s\nledger: l\nreadrs: {}\n").expect_err("unknown key");
         assert!(e.to_string().contains("readrs"), "{e}");
+    }
+
+    #[test]
+    fn a_serial_fixture_is_configured_and_a_bad_one_reported_in_place() {
+        let c = parse(
+            "station_id: s\nledger: l\nreaders:\n  pcsc:\n    fixture: serial:/dev/ttyUSB0,power=/dev/ttyUSB1\nprofiles: {demo: tapline-cfg-test-profile.yaml}\n",
+        )
+        .expect("valid");
+        let ReaderSource::Pcsc { fixture: Some(spec), .. } = c.readers else { panic!("no fixture") };
+        assert_eq!((spec.port.as_str(), spec.power.as_deref()), ("/dev/ttyUSB0", Some("/dev/ttyUSB1")));
+        let e = parse(
+            "station_id: s\nledger: l\nreaders:\n  pcsc:\n    fixture: /dev/ttyUSB0\nprofiles: {demo: tapline-cfg-test-profile.yaml}\n",
+        )
+        .expect_err("no serial: prefix");
+        assert!(e.problems.iter().any(|p| p.field == "readers.pcsc.fixture"), "{e}");
+        assert!(e.to_string().contains("station.yaml:5:"), "{e}");
     }
 }

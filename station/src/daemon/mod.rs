@@ -127,18 +127,22 @@ impl Daemon {
                     Arc::new(EmuFeeder::endless(bank.clone(), Box::new(CardSupply::new(seed, faults.clone()))));
                 (Box::new(bank), Arc::clone(&feeder) as Arc<dyn CardHandler>, Some(feeder))
             }
-            ReaderSource::Pcsc { include, exclude, feeder } => {
+            ReaderSource::Pcsc { include, exclude, feeder, fixture } => {
                 let sharing = profiles.values().next().map(|l| l.profile.sharing).unwrap_or_default();
-                let monitor = PcscMonitor::new(
+                let mut monitor = PcscMonitor::new(
                     ReaderFilter::new(include.iter().cloned(), exclude.iter().cloned()),
                     sharing,
                 )
                 .context(
                     "cannot reach pcscd (is it running? scripts/pcscd-vpcd.sh starts one with emulated readers)",
                 )?;
-                let handler: Arc<dyn CardHandler> = match feeder {
-                    Some(addr) => Arc::new(RigFeeder::new(*addr)),
-                    None => Arc::new(ManualHandler),
+                let handler: Arc<dyn CardHandler> = match (feeder, fixture) {
+                    (_, Some(spec)) => {
+                        let readers = monitor.readers().unwrap_or_default();
+                        Arc::new(crate::fixture::serial::SerialFeeder::start(spec, readers))
+                    }
+                    (Some(addr), None) => Arc::new(RigFeeder::new(*addr)),
+                    (None, None) => Arc::new(ManualHandler),
                 };
                 (Box::new(monitor), handler, None)
             }
