@@ -3,6 +3,7 @@
 //! behind a real pcscd (`vpcd`); regression plans, fault scenarios and
 //! fixtures come here next.
 
+pub mod bench;
 pub mod vpcd;
 
 use card::cap::{CapBuilder, CapError};

@@ -39,6 +39,9 @@ enum Command {
     /// QUIT on the control socket (prints the summary); Ctrl-C or SIGTERM
     /// end it without one.
     Vpcd(VpcdArgs),
+    /// Performance benchmarks (tables; --json for one JSON object).
+    #[command(subcommand)]
+    Bench(rig::bench::Bench),
 }
 
 #[derive(clap::Args)]
@@ -88,6 +91,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Vpcd(args) => run_vpcd(args)?,
+        Command::Bench(b) => rig::bench::run(b)?,
     }
     Ok(())
 }
