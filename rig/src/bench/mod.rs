@@ -40,6 +40,12 @@ pub enum Bench {
     Soak(SoakArgs),
     /// A short version of each; writes reports/bench/<date>/.
     All(AllArgs),
+    /// Writes bench.md and scaling.svg again from a bench.json.
+    #[command(hide = true)]
+    Report {
+        /// The bench.json of a run; the report goes beside it.
+        json: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -125,6 +131,13 @@ pub fn run(cmd: Bench) -> anyhow::Result<()> {
         Bench::Host(a) => host(&a)?,
         Bench::Soak(a) => soak(&a)?,
         Bench::All(a) => all(&a)?,
+        Bench::Report { json } => {
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+            let dir = json.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+            report::write(&dir, &v)?;
+            println!("report: {}", dir.join("bench.md").display());
+            v
+        }
     };
     Ok(())
 }

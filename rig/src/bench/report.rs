@@ -187,7 +187,8 @@ pub fn markdown(v: &Value) -> String {
         &[
             "readers",
             "cards",
-            "cards/h",
+            "cards/h batch",
+            "cards/h steady",
             "efficiency",
             "work eff.",
             "wall/modeled",
