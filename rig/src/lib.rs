@@ -3,6 +3,7 @@
 //! behind a real pcscd (`vpcd`), emulates the serial card fixture
 //! (`fixture`) and finds and power-cycles USB readers (`usb`).
 
+pub mod bench;
 pub mod fixture;
 pub mod plan;
 pub mod usb;

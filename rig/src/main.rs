@@ -55,6 +55,9 @@ enum Command {
         #[command(subcommand)]
         command: rig::usb::UsbCommand,
     },
+    /// Performance benchmarks (tables; --json for one JSON object).
+    #[command(subcommand)]
+    Bench(rig::bench::Bench),
 }
 
 #[derive(Subcommand)]
@@ -131,6 +134,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => std::process::exit(run_plan(args)),
         Command::Fixture { command: FixtureCommand::Serve(args) } => rig::fixture::run_serve(args)?,
         Command::Usb { command } => std::process::exit(rig::usb::run(command)),
+        Command::Bench(b) => rig::bench::run(b)?,
     }
     Ok(())
 }

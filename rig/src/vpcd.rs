@@ -168,6 +168,12 @@ impl VpcdCard {
     /// Serves one message from vpcd. An I/O error on the connection is
     /// `Closed`: to vpcd and to the card, a broken connection is a removal.
     pub fn serve_one(&mut self) -> Served {
+        // vpcd sends a message's length and its payload with two send()s,
+        // and its socket has Nagle on: the payload waits for our ACK of the
+        // length, which a delayed ACK holds up to 40 ms. Quick ACKs (reset
+        // by the kernel now and then, so set before every read) take that
+        // stall out of every exchange.
+        let _ = socket2::SockRef::from(&self.stream).set_tcp_quickack(true);
         let payload = match read_message(&mut self.stream) {
             Ok(Some(p)) => p,
             Ok(None) | Err(_) => return Served::Closed,

@@ -24,7 +24,10 @@ pub enum BatchError {
 /// The figures of a finished batch.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// Every card's outcome, when the batch was asked to keep them
+    /// ([`Output::keep_outcomes`]); the figures below never need them.
     pub outcomes: Vec<CardOutcome>,
+    pub counts: Counts,
     pub elapsed: Duration,
     pub readers: usize,
     /// Bundles sealed and aborted (by bundle id).
@@ -32,27 +35,63 @@ pub struct Summary {
     pub bundles_aborted: Vec<String>,
 }
 
+/// Running totals of a batch's outcomes: what the summary shows, in
+/// constant memory however long the batch.
+#[derive(Debug, Clone, Default)]
+pub struct Counts {
+    pub cards: usize,
+    pub passed: usize,
+    /// Passed on their first attempt.
+    pub first_pass: usize,
+    /// Passed without a bundle (released unpaired).
+    pub unpaired: usize,
+    /// Failures by (step, reason).
+    pub failures: BTreeMap<(String, String), usize>,
+}
+
+impl Counts {
+    pub fn add(&mut self, o: &CardOutcome) {
+        self.cards += 1;
+        match &o.result {
+            Ok(p) => {
+                self.passed += 1;
+                if o.attempt <= 1 {
+                    self.first_pass += 1;
+                }
+                if p.stage == "unpaired" {
+                    self.unpaired += 1;
+                }
+            }
+            Err(f) => *self.failures.entry((f.step.name().to_string(), f.reason.clone())).or_default() += 1,
+        }
+    }
+}
+
 impl Summary {
+    /// Cards that reached a final state.
+    pub fn cards(&self) -> usize {
+        self.counts.cards
+    }
+
     pub fn passed(&self) -> usize {
-        self.outcomes.iter().filter(|o| o.passed()).count()
+        self.counts.passed
     }
 
     pub fn failed(&self) -> usize {
-        self.outcomes.len() - self.passed()
+        self.counts.cards - self.counts.passed
     }
 
     /// Cards that passed on their first attempt, over all cards.
     pub fn first_pass_yield(&self) -> f64 {
-        if self.outcomes.is_empty() {
+        if self.counts.cards == 0 {
             return 0.0;
         }
-        let first = self.outcomes.iter().filter(|o| o.passed() && o.attempt <= 1).count();
-        first as f64 / self.outcomes.len() as f64
+        self.counts.first_pass as f64 / self.counts.cards as f64
     }
 
     pub fn cards_per_hour(&self) -> f64 {
         let h = self.elapsed.as_secs_f64() / 3600.0;
-        if h > 0.0 { self.outcomes.len() as f64 / h } else { 0.0 }
+        if h > 0.0 { self.counts.cards as f64 / h } else { 0.0 }
     }
 
     /// The summary an operator reads at the end of a batch (printed and
@@ -63,7 +102,7 @@ impl Summary {
         let _ = writeln!(
             t,
             "summary: {} cards in {:.1}s on {} readers",
-            self.outcomes.len(),
+            self.counts.cards,
             self.elapsed.as_secs_f64(),
             self.readers
         );
@@ -72,11 +111,9 @@ impl Summary {
         let _ = writeln!(t, "  first-pass yield: {:.1}%", self.first_pass_yield() * 100.0);
         let _ = writeln!(t, "  throughput:       {:.0} cards/hour", self.cards_per_hour());
         if bundles {
-            let unpaired =
-                self.outcomes.iter().filter(|o| o.result.as_ref().is_ok_and(|p| p.stage == "unpaired")).count();
             let _ = writeln!(t, "  bundles sealed:   {}", self.bundles_sealed.len());
             let _ = writeln!(t, "  bundles aborted:  {}", self.bundles_aborted.len());
-            let _ = writeln!(t, "  passed unpaired:  {unpaired}");
+            let _ = writeln!(t, "  passed unpaired:  {}", self.counts.unpaired);
         }
         let failures = self.failures();
         if !failures.is_empty() {
@@ -90,13 +127,7 @@ impl Summary {
 
     /// Failures grouped by (step, reason), most frequent first.
     pub fn failures(&self) -> Vec<((String, String), usize)> {
-        let mut m: BTreeMap<(String, String), usize> = BTreeMap::new();
-        for o in &self.outcomes {
-            if let Err(f) = &o.result {
-                *m.entry((f.step.name().to_string(), f.reason.clone())).or_default() += 1;
-            }
-        }
-        let mut v: Vec<_> = m.into_iter().collect();
+        let mut v: Vec<_> = self.counts.failures.iter().map(|(k, n)| (k.clone(), *n)).collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v
     }
@@ -117,6 +148,10 @@ pub fn open_all(monitor: &mut dyn ReaderMonitor) -> Result<Vec<Box<dyn CardReade
 #[derive(Debug, Clone, Default)]
 pub struct Output {
     pub labels: Option<std::path::PathBuf>,
+    /// Keep every card's outcome in the summary (tests read them); without
+    /// it the summary holds counts only and a batch of any length runs in
+    /// flat memory.
+    pub keep_outcomes: bool,
 }
 
 /// How often the batch looks for readers that appeared.
@@ -185,7 +220,17 @@ pub fn run(
     }
     drop(tx);
     let mut last_list = Instant::now();
-    let mut outcomes = Vec::with_capacity(target.unwrap_or(0));
+    let mut outcomes = Vec::new();
+    let mut counts = Counts::default();
+    // The batch's own end condition counts outcomes, kept or not.
+    let mut done = 0usize;
+    let keep = output.keep_outcomes;
+    let mut record = |o: CardOutcome, outcomes: &mut Vec<CardOutcome>| {
+        counts.add(&o);
+        if keep {
+            outcomes.push(o);
+        }
+    };
     // Readers with a card waiting for pairing.
     let mut waiting = HashSet::new();
     let mut offered = 0usize;
@@ -197,7 +242,7 @@ pub fn run(
         // Draining (asked to, or the target's last card started): the batch
         // ends once every card started has its outcome, so no card is left
         // half-way.
-        if control.draining() && outcomes.len() >= control.claimed() {
+        if control.draining() && done >= control.claimed() {
             break;
         }
         if !interrupted && control.interrupted() {
@@ -210,7 +255,7 @@ pub fn run(
         // The batch drains and every card started is done or waiting: no
         // more will come to pair with the ones waiting, so the coordinator
         // must not hold them.
-        if !told_no_more && control.draining() && outcomes.len() + waiting.len() >= control.claimed() {
+        if !told_no_more && control.draining() && done + waiting.len() >= control.claimed() {
             if let Some((c, _)) = &coordinator {
                 c.no_more_cards(offered);
             }
@@ -244,7 +289,8 @@ pub fn run(
         match ev {
             Event::Outcome(o) => {
                 waiting.remove(&o.reader);
-                outcomes.push(o);
+                done += 1;
+                record(o, &mut outcomes);
             }
             Event::Lane { reader, state: LaneState::WaitingForPairing } => {
                 offered += 1;
@@ -277,7 +323,7 @@ pub fn run(
     while let Ok(ev) = rx.try_recv() {
         on_event(&ev);
         match ev {
-            Event::Outcome(o) => outcomes.push(o),
+            Event::Outcome(o) => record(o, &mut outcomes),
             Event::Bundle { bundle, status: BundleStatus::Sealed, .. } => sealed.push(bundle),
             Event::Bundle { bundle, status: BundleStatus::Aborted, .. } => aborted.push(bundle),
             _ => {}
@@ -286,5 +332,5 @@ pub fn run(
     if let Some(e) = fatal {
         return Err(BatchError::Fatal(e));
     }
-    Ok(Summary { outcomes, elapsed, readers: known.len(), bundles_sealed: sealed, bundles_aborted: aborted })
+    Ok(Summary { outcomes, counts, elapsed, readers: known.len(), bundles_sealed: sealed, bundles_aborted: aborted })
 }

@@ -934,7 +934,8 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     let total = args.cards;
     let mut done = 0usize;
     let report_dir = args.report_dir.clone().unwrap_or_else(|| PathBuf::from("reports").join(&name));
-    let output = batch::Output { labels: profile.bundles.as_ref().map(|_| report_dir.join("labels")) };
+    let output =
+        batch::Output { labels: profile.bundles.as_ref().map(|_| report_dir.join("labels")), keep_outcomes: false };
     let work = || {
         let result = batch::run(
             &mut *readers,

@@ -21,7 +21,7 @@ use card::{CardError, CardId};
 use crossbeam_channel::{Receiver, Sender};
 use sha2::{Digest, Sha256};
 
-use crate::ledger::{Ledger, StepEvent};
+use crate::ledger::{Ledger, StepEvent, StepLine};
 use crate::profile::{Bundles, Unpaired};
 use crate::recipe::{Failure, Passed, ReadyCard, Step};
 use crate::worker::Event;
@@ -57,12 +57,22 @@ impl Lane {
         &self,
         f: impl FnOnce(&mut dyn Transport) -> R + Send + 'static,
     ) -> Result<R, LaneGone> {
+        self.start(f)?.recv().map_err(|_| LaneGone)
+    }
+
+    /// Starts `f` on the card's worker thread and returns at once; the
+    /// answer comes on the receiver. Calls on different lanes run at the
+    /// same time, on their own readers.
+    pub fn start<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Transport) -> R + Send + 'static,
+    ) -> Result<Receiver<R>, LaneGone> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let job: Job = Box::new(move |t| {
             let _ = tx.send(f(t));
         });
         self.tx.send(LaneMsg::Job(job)).map_err(|_| LaneGone)?;
-        rx.recv().map_err(|_| LaneGone)
+        Ok(rx)
     }
 
     fn finish(&self, verdict: Result<Passed, Failure>) {
@@ -177,6 +187,13 @@ fn run(setup: Arc<Setup>, rx: Receiver<Msg>, tx: Sender<Msg>) {
                 }
             }
         }
+        // Finished bundle threads are joined as they end: an unjoined
+        // thread keeps its stack, and a long batch forms thousands.
+        let (ended, running): (Vec<_>, Vec<_>) = bundle_threads.into_iter().partition(|h| h.is_finished());
+        for h in ended {
+            let _ = h.join();
+        }
+        bundle_threads = running;
         // Cards that waited too long, or that can never find partners.
         let all_here = no_more.is_some_and(|n| received >= n);
         let hopeless = stopping || (all_here && in_flight == 0 && pool.len() < size);
@@ -269,6 +286,47 @@ fn on<R: Send + 'static>(
     }
 }
 
+/// Runs one call on each of several members at once (each on its own
+/// reader) and waits for all of them; the answers in the order of `jobs`.
+/// The first member (in that order) that failed is the culprit.
+fn on_all<R, F>(members: &[Waiting], what: &'static str, jobs: Vec<(usize, F)>) -> Result<Vec<R>, PairError>
+where
+    R: Send + 'static,
+    F: FnOnce(&mut WalletClient<'_>) -> Result<R, CardError> + Send + 'static,
+{
+    let started: Vec<_> = jobs
+        .into_iter()
+        .map(|(who, f)| (who, members[who].lane.start(move |t| f(&mut WalletClient::new(t)))))
+        .collect();
+    let mut out = Vec::with_capacity(started.len());
+    let mut failed = None;
+    // Every started call is waited for, so none still runs when the bundle
+    // aborts and resets its cards.
+    for (who, rx) in started {
+        match rx.and_then(|rx| rx.recv().map_err(|_| LaneGone)) {
+            Ok(Ok(r)) => out.push(r),
+            Ok(Err(e)) => {
+                failed.get_or_insert_with(|| card_error(who, what, &e));
+            }
+            Err(LaneGone) => {
+                failed.get_or_insert_with(|| PairError {
+                    culprit: Some(who),
+                    failure: Failure {
+                        step: Step::Pairing,
+                        reason: format!("{what}: reader stopped"),
+                        detail: "the reader's worker ended during pairing".into(),
+                        retryable: true,
+                    },
+                });
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
 fn role_name(i: usize) -> &'static str {
     if i == 0 { "primary" } else { "backup" }
 }
@@ -281,20 +339,27 @@ fn journal(
     event: StepEvent,
     detail: &str,
 ) -> Result<(), PairError> {
-    for w in members {
-        setup.ledger.step(w.card.card_id, w.card.attempt, phase, event, detail, w.lane.reader.as_str()).map_err(
-            |e| PairError {
-                culprit: None,
-                failure: Failure {
-                    step: Step::Pairing,
-                    reason: "ledger refused".into(),
-                    detail: e.to_string(),
-                    retryable: true,
-                },
-            },
-        )?;
-    }
-    Ok(())
+    // Every member's line in one transaction: one commit per phase.
+    let lines = members
+        .iter()
+        .map(|w| StepLine {
+            card: w.card.card_id,
+            attempt: w.card.attempt,
+            step: phase,
+            event,
+            detail: detail.to_string(),
+            reader: w.lane.reader.to_string(),
+        })
+        .collect();
+    setup.ledger.steps(lines).map_err(|e| PairError {
+        culprit: None,
+        failure: Failure {
+            step: Step::Pairing,
+            reason: "ledger refused".into(),
+            detail: e.to_string(),
+            retryable: true,
+        },
+    })
 }
 
 fn random<const N: usize>() -> [u8; N] {
@@ -346,8 +411,8 @@ fn pair(setup: &Setup, members: &[Waiting], bundle_id: &[u8; 16]) -> Result<[u8;
     // Every member starts clean: a card left linked by an interrupted
     // bundle is reset for rework first.
     journal(setup, members, "pair_link", StepEvent::Intent, &format!("bundle {label}"))?;
-    for i in 0..n {
-        let info = on(members, i, "select", |w| w.select())?;
+    let infos = on_all(members, "select", (0..n).map(|i| (i, |w: &mut WalletClient<'_>| w.select())).collect())?;
+    for (i, info) in infos.into_iter().enumerate() {
         if info.lifecycle == Lifecycle::Sealed {
             return Err(lying(i, "already sealed", "the card is sealed in a bundle the ledger does not hold".into()));
         }
@@ -373,9 +438,18 @@ fn pair(setup: &Setup, members: &[Waiting], bundle_id: &[u8; 16]) -> Result<[u8;
     // verifies each backup (a counterfeit is refused by the primary itself).
     let bid = *bundle_id;
     let nonce = on(members, 0, "link primary", move |w| w.link_primary(&bid, backups))?;
-    for i in 1..n {
-        let primary_cert = primary.certificate.clone();
-        let att = on(members, i, "link backup", move |w| w.link_backup(&bid, &primary_cert, &nonce))?;
+    // The backups attest at the same time, each on its own reader.
+    let atts = on_all(
+        members,
+        "link backup",
+        (1..n)
+            .map(|i| {
+                let primary_cert = primary.certificate.clone();
+                (i, move |w: &mut WalletClient<'_>| w.link_backup(&bid, &primary_cert, &nonce))
+            })
+            .collect(),
+    )?;
+    for (i, att) in (1..n).zip(atts) {
         let b = &members[i].card;
         if att.card_id != b.card_id
             || !wallet::verify_digest(
@@ -435,14 +509,18 @@ fn pair(setup: &Setup, members: &[Waiting], bundle_id: &[u8; 16]) -> Result<[u8;
     // Host check before sealing: every member proves, by signing a fresh
     // challenge with the wallet key, that it holds the same key.
     journal(setup, members, "pair_prove", StepEvent::Intent, "")?;
-    for i in 0..n {
-        let challenge: [u8; 32] = random();
+    let challenges: Vec<[u8; 32]> = (0..n).map(|_| random()).collect();
+    let proofs = on_all(
+        members,
+        "prove wallet",
+        challenges.iter().enumerate().map(|(i, &c)| (i, move |w: &mut WalletClient<'_>| w.prove_wallet(&c))).collect(),
+    )?;
+    for (i, (p, challenge)) in proofs.into_iter().zip(&challenges).enumerate() {
         let card_id = members[i].card.card_id;
-        let p = on(members, i, "prove wallet", move |w| w.prove_wallet(&challenge))?;
         if p.wallet_key != wallet_pub
             || !wallet::verify_digest(
                 &wallet_key,
-                &bundle::wallet_proof_digest(&challenge, &card_id, Some(&bid)),
+                &bundle::wallet_proof_digest(challenge, &card_id, Some(&bid)),
                 &p.signature,
             )
         {
@@ -453,15 +531,22 @@ fn pair(setup: &Setup, members: &[Waiting], bundle_id: &[u8; 16]) -> Result<[u8;
 
     // Seal: backups first, the primary last (it checks all confirmed).
     journal(setup, members, "pair_seal", StepEvent::Intent, "")?;
-    let order: Vec<usize> = (1..n).chain(std::iter::once(0)).collect();
-    for i in order {
-        let sig = on(members, i, "finalize", |w| w.finalize())?;
+    // The backups finalize at the same time, each on its own reader (FINALIZE
+    // and the SELECT that checks it); then the primary.
+    let finalize = |w: &mut WalletClient<'_>| -> Result<_, CardError> {
+        let sig = w.finalize()?;
+        Ok((sig, w.select()))
+    };
+    let mut sealed: Vec<(usize, _)> =
+        (1..n).zip(on_all(members, "finalize", (1..n).map(|i| (i, finalize)).collect())?).collect();
+    sealed.push((0, on(members, 0, "finalize", finalize)?));
+    for (i, (sig, info)) in sealed {
         let c = &members[i].card;
         let role = if i == 0 { Role::Primary } else { Role::Backup };
         if !wallet::verify_digest(&c.card_key, &bundle::sealed_digest(&bid, &c.card_id, role, &wallet_pub), &sig) {
             return Err(lying(i, "seal proof invalid", "signature does not verify with the card key".into()));
         }
-        let info = on(members, i, "select", |w| w.select())?;
+        let info = info.map_err(|e| card_error(i, "select", &e))?;
         if info.lifecycle != Lifecycle::Sealed || info.bundle_id != Some(bid) || !info.has_wallet_key {
             return Err(lying(i, "not sealed after FINALIZE", format!("card reports {info:?}")));
         }

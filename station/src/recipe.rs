@@ -5,6 +5,7 @@
 //! before the next step starts; every step is idempotent, so an interrupted
 //! card resumes by simply running the recipe again.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +21,7 @@ use card::{CardError, CardId};
 use k256::ecdsa::VerifyingKey;
 
 use crate::firmware::Firmware;
-use crate::ledger::{CardStatus, CardUpdate, Ledger, PriorRecord, StepEvent};
+use crate::ledger::{CardStatus, CardUpdate, Done, Ledger, PriorRecord, StepEvent};
 use crate::profile::Profile;
 
 /// The recipe's steps, in order.
@@ -224,9 +225,25 @@ struct Attempt<'a> {
     attempt: u32,
     reader: &'a str,
     interrupt: &'a AtomicBool,
+    /// The last step's success, written with the card's next change (the
+    /// next intent, a failure, the result) in one transaction, so it is
+    /// durable before the next step touches the card at one commit for two.
+    done: RefCell<Option<Done>>,
 }
 
 impl Attempt<'_> {
+    fn take_done(&self) -> Option<Done> {
+        self.done.borrow_mut().take()
+    }
+
+    /// Writes a step success still pending (nothing else followed it).
+    fn flush(&self) -> Result<(), LedgerDown> {
+        if let Some(d) = self.take_done() {
+            self.ledger.step_done(d.card, d.attempt, d.step, &d.detail, d.update)?;
+        }
+        Ok(())
+    }
+
     /// Runs one step: intent, work, result, all journaled.
     fn step<T>(
         &self,
@@ -237,17 +254,34 @@ impl Attempt<'_> {
         if self.interrupt.load(Ordering::Relaxed) {
             let f =
                 Failure::new(step, "interrupted", "the station stopped before this step; insert the card again", true);
-            self.ledger.fail(self.card, self.attempt, step.name(), &f.reason, &f.detail, f.retryable)?;
+            self.ledger.fail_after(
+                self.take_done(),
+                self.card,
+                self.attempt,
+                step.name(),
+                &f.reason,
+                &f.detail,
+                f.retryable,
+            )?;
             return Ok(Err(f));
         }
         progress(Progress::Step(step));
         let started = Instant::now();
-        self.ledger.step(self.card, self.attempt, step.name(), StepEvent::Intent, "", self.reader)?;
+        self.ledger.step_after(
+            self.take_done(),
+            self.card,
+            self.attempt,
+            step.name(),
+            StepEvent::Intent,
+            "",
+            self.reader,
+        )?;
         let result = work(progress);
         progress(Progress::StepDone { step, elapsed: started.elapsed(), ok: result.is_ok() });
         match result {
             Ok((value, detail, update)) => {
-                self.ledger.step_done(self.card, self.attempt, step.name(), &detail, update)?;
+                *self.done.borrow_mut() =
+                    Some(Done { card: self.card, attempt: self.attempt, step: step.name(), detail, update });
                 Ok(Ok(value))
             }
             Err(f) => {
@@ -342,8 +376,11 @@ impl Recipe {
             attempt,
             reader: reader.as_str(),
             interrupt: &self.interrupt,
+            done: RefCell::new(None),
         };
-        match self.steps(&a, t, prior.as_ref(), started, progress)? {
+        let steps = self.steps(&a, t, prior.as_ref(), started, progress)?;
+        a.flush()?;
+        match steps {
             Ok((passed, ready)) => {
                 outcome.result = Ok(passed);
                 outcome.ready = ready;
@@ -440,11 +477,11 @@ impl Recipe {
         if profile.bundles.is_some() {
             // Passed its own recipe; recorded passed only when bundled or
             // released by the coordinator.
-            a.ledger.ready(a.card, a.attempt)?;
+            a.ledger.ready_after(a.take_done(), a.card, a.attempt)?;
             let card = ReadyCard { card_id: a.card, attempt: a.attempt, certificate, card_key };
             return Ok(Ok((ready, Some(Box::new(card)))));
         }
-        let serial = a.ledger.pass(a.card, a.attempt, STAGE_READY)?;
+        let serial = a.ledger.pass_after(a.take_done(), a.card, a.attempt, STAGE_READY)?;
         Ok(Ok((Passed { serial: Some(serial), ..ready }, None)))
     }
 

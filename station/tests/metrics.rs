@@ -161,7 +161,7 @@ fn run_batch(readers: usize, cards: Vec<EmuCard>) -> Run {
         m.batch_started(start, Instant::now(), SystemTime::now());
     }
     let recipe = Arc::new(station::recipe::Recipe::new(profile, firmware, ledger.clone(), batch_id));
-    let output = batch::Output { labels: Some(dir.path().join("labels")) };
+    let output = batch::Output { labels: Some(dir.path().join("labels")), keep_outcomes: true };
     let summary =
         batch::run(&mut *monitor, recipe, Arc::clone(&feeder) as _, Some(target), output, Control::new(), |ev| {
             live.on_event(ev)

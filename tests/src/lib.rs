@@ -95,7 +95,7 @@ pub fn run_batch_watched(
         .expect("batch");
     let profile_key = profile.audit_key.clone();
     let recipe = Arc::new(Recipe::new(profile, Arc::clone(&firmware), ledger.clone(), batch_id));
-    let output = batch::Output { labels: Some(dir.path().join("labels")) };
+    let output = batch::Output { labels: Some(dir.path().join("labels")), keep_outcomes: true };
     let summary =
         batch::run(&mut *monitor, recipe, handler, Some(target), output, Control::new(), on_event).expect("batch runs");
     ledger.finish_batch(batch_id, profile_key.as_ref()).expect("finish");

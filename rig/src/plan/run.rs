@@ -672,7 +672,7 @@ fn execute(
         Arc::clone(&recipe),
         handler,
         None,
-        batch::Output { labels: Some(dir.path().join("labels")) },
+        batch::Output { labels: Some(dir.path().join("labels")), keep_outcomes: true },
         Arc::clone(&control),
         on_event,
     );

@@ -298,7 +298,8 @@ impl Daemon {
         }
         let report_dir = lock(&self.config).reports.join(&req.name);
         let recipe = Arc::new(Recipe::new(Arc::clone(&profile), fw, ledger.clone(), batch_id));
-        let output = batch::Output { labels: profile.bundles.as_ref().map(|_| report_dir.join("labels")) };
+        let output =
+            batch::Output { labels: profile.bundles.as_ref().map(|_| report_dir.join("labels")), keep_outcomes: false };
         tracing::info!(batch = %req.name, profile = %req.profile, cards = ?req.cards, "batch started");
         let live = Arc::clone(&self.live);
         let summary =

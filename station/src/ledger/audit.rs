@@ -232,6 +232,8 @@ pub(super) fn record(conn: &Connection, op: &Op, reply: &Reply, at: &str, steps_
         append(conn, batch_of(&cards), at, kind, Some(&id), step, &detail).map(|_| ())
     };
     match op {
+        // The writer records each part of a `Many` on its own.
+        Op::Many(_) => Ok(()),
         Op::StartBatch(b) => {
             let Reply::Id(id) = reply else { return Ok(()) };
             let batches = rows_json(conn, "SELECT * FROM batches WHERE id = ?1", [id])?;

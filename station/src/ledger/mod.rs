@@ -115,16 +115,111 @@ pub struct BatchInfo {
 
 enum Op {
     StartBatch(BatchInfo),
-    FinishBatch { batch: i64, key: Option<AuditKey> },
-    BeginCard { card: CardId, reader: String, batch: i64, atr: String, cplc: String },
-    Step { card: CardId, attempt: u32, step: &'static str, event: StepEvent, detail: String, reader: String },
-    StepDone { card: CardId, attempt: u32, step: &'static str, detail: String, update: CardUpdate },
-    Pass { card: CardId, attempt: u32, stage: &'static str },
-    Ready { card: CardId, attempt: u32 },
-    BundleStart { bundle: String, batch: i64, members: Vec<(CardId, &'static str)> },
-    BundleSealed { bundle: String, wallet_pubkey: String },
-    BundleAborted { bundle: String, reason: String },
-    Fail { card: CardId, attempt: u32, step: &'static str, reason: String, detail: String, retryable: bool },
+    FinishBatch {
+        batch: i64,
+        key: Option<AuditKey>,
+    },
+    BeginCard {
+        card: CardId,
+        reader: String,
+        batch: i64,
+        atr: String,
+        cplc: String,
+    },
+    Step {
+        card: CardId,
+        attempt: u32,
+        step: &'static str,
+        event: StepEvent,
+        detail: String,
+        reader: String,
+    },
+    StepDone {
+        card: CardId,
+        attempt: u32,
+        step: &'static str,
+        detail: String,
+        update: CardUpdate,
+    },
+    Pass {
+        card: CardId,
+        attempt: u32,
+        stage: &'static str,
+    },
+    Ready {
+        card: CardId,
+        attempt: u32,
+    },
+    BundleStart {
+        bundle: String,
+        batch: i64,
+        members: Vec<(CardId, &'static str)>,
+    },
+    BundleSealed {
+        bundle: String,
+        wallet_pubkey: String,
+    },
+    BundleAborted {
+        bundle: String,
+        reason: String,
+    },
+    Fail {
+        card: CardId,
+        attempt: u32,
+        step: &'static str,
+        reason: String,
+        detail: String,
+        retryable: bool,
+    },
+    /// Several changes as one: all applied, or none (the reply is the
+    /// last one's).
+    Many(Vec<Op>),
+}
+
+impl Op {
+    /// The single changes of this op, in order (`Many` flattened).
+    fn parts(&self) -> Vec<&Op> {
+        match self {
+            Op::Many(ops) => ops.iter().flat_map(Op::parts).collect(),
+            op => vec![op],
+        }
+    }
+}
+
+/// A step's success that the recipe writes together with the card's next
+/// change (the next step's intent, its failure, or the card's result), in
+/// one transaction: both are durable before the next step touches the
+/// card, at one commit instead of two.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Done {
+    pub card: CardId,
+    pub attempt: u32,
+    pub step: &'static str,
+    pub detail: String,
+    pub update: CardUpdate,
+}
+
+impl Done {
+    fn op(self) -> Op {
+        Op::StepDone {
+            card: self.card,
+            attempt: self.attempt,
+            step: self.step,
+            detail: self.detail,
+            update: self.update,
+        }
+    }
+}
+
+/// One journal line for [`Ledger::steps`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepLine {
+    pub card: CardId,
+    pub attempt: u32,
+    pub step: &'static str,
+    pub event: StepEvent,
+    pub detail: String,
+    pub reader: String,
 }
 
 enum Reply {
@@ -221,6 +316,14 @@ impl Ledger {
         let _ = self.observer.set(observer);
     }
 
+    /// `op`, after `done` when there is one, in one transaction.
+    fn call_after(&self, done: Option<Done>, op: Op) -> Result<Reply, LedgerError> {
+        match done {
+            Some(d) => self.call(Op::Many(vec![d.op(), op])),
+            None => self.call(op),
+        }
+    }
+
     fn call(&self, op: Op) -> Result<Reply, LedgerError> {
         let started = std::time::Instant::now();
         let (reply, rx) = crossbeam_channel::bounded(1);
@@ -277,8 +380,40 @@ impl Ledger {
         detail: &str,
         reader: &str,
     ) -> Result<(), LedgerError> {
-        self.call(Op::Step { card, attempt, step, event, detail: detail.to_string(), reader: reader.to_string() })
-            .map(|_| ())
+        self.step_after(None, card, attempt, step, event, detail, reader)
+    }
+
+    /// [`Ledger::step`] after a step's success, in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_after(
+        &self,
+        done: Option<Done>,
+        card: CardId,
+        attempt: u32,
+        step: &'static str,
+        event: StepEvent,
+        detail: &str,
+        reader: &str,
+    ) -> Result<(), LedgerError> {
+        let op = Op::Step { card, attempt, step, event, detail: detail.to_string(), reader: reader.to_string() };
+        self.call_after(done, op).map(|_| ())
+    }
+
+    /// Several journal lines (e.g. one pairing phase for every member of a
+    /// bundle) in one transaction: one commit for all.
+    pub fn steps(&self, lines: Vec<StepLine>) -> Result<(), LedgerError> {
+        let ops = lines
+            .into_iter()
+            .map(|l| Op::Step {
+                card: l.card,
+                attempt: l.attempt,
+                step: l.step,
+                event: l.event,
+                detail: l.detail,
+                reader: l.reader,
+            })
+            .collect();
+        self.call(Op::Many(ops)).map(|_| ())
     }
 
     /// Records a step's success together with what it established.
@@ -295,7 +430,18 @@ impl Ledger {
 
     /// Marks the card passed at `stage` and allocates its serial.
     pub fn pass(&self, card: CardId, attempt: u32, stage: &'static str) -> Result<i64, LedgerError> {
-        match self.call(Op::Pass { card, attempt, stage })? {
+        self.pass_after(None, card, attempt, stage)
+    }
+
+    /// [`Ledger::pass`] after a step's success, in one transaction.
+    pub fn pass_after(
+        &self,
+        done: Option<Done>,
+        card: CardId,
+        attempt: u32,
+        stage: &'static str,
+    ) -> Result<i64, LedgerError> {
+        match self.call_after(done, Op::Pass { card, attempt, stage })? {
             Reply::Id(serial) => Ok(serial),
             _ => Err(LedgerError::WriterGone),
         }
@@ -304,7 +450,12 @@ impl Ledger {
     /// Records that the card passed its own recipe and waits for pairing
     /// (it stays in progress until it is bundled or released).
     pub fn ready(&self, card: CardId, attempt: u32) -> Result<(), LedgerError> {
-        self.call(Op::Ready { card, attempt }).map(|_| ())
+        self.ready_after(None, card, attempt)
+    }
+
+    /// [`Ledger::ready`] after a step's success, in one transaction.
+    pub fn ready_after(&self, done: Option<Done>, card: CardId, attempt: u32) -> Result<(), LedgerError> {
+        self.call_after(done, Op::Ready { card, attempt }).map(|_| ())
     }
 
     /// Records a bundle being formed from ready cards; `members` in
@@ -342,8 +493,23 @@ impl Ledger {
         detail: &str,
         retryable: bool,
     ) -> Result<(), LedgerError> {
-        self.call(Op::Fail { card, attempt, step, reason: reason.to_string(), detail: detail.to_string(), retryable })
-            .map(|_| ())
+        self.fail_after(None, card, attempt, step, reason, detail, retryable)
+    }
+
+    /// [`Ledger::fail`] after a step's success, in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fail_after(
+        &self,
+        done: Option<Done>,
+        card: CardId,
+        attempt: u32,
+        step: &'static str,
+        reason: &str,
+        detail: &str,
+        retryable: bool,
+    ) -> Result<(), LedgerError> {
+        let op = Op::Fail { card, attempt, step, reason: reason.to_string(), detail: detail.to_string(), retryable };
+        self.call_after(done, op).map(|_| ())
     }
 }
 
@@ -368,10 +534,13 @@ fn writer(mut conn: Connection, rx: Receiver<Request>, path: PathBuf) {
                 // does not undo the others in the group.
                 // The op and its audit row commit together or not at all.
                 let mut sp = tx.savepoint()?;
-                let r = audit::last_step_id(&sp).map_err(ApplyError::from).and_then(|steps_before| {
-                    let reply = apply(&sp, &req.op, &ts)?;
-                    audit::record(&sp, &req.op, &reply, &ts, steps_before)?;
-                    Ok(reply)
+                // Each change of a request gets its own audit row, right
+                // after it is applied; the reply is the last change's.
+                let r = req.op.parts().into_iter().try_fold(Reply::Unit, |_, op| {
+                    let steps_before = audit::last_step_id(&sp)?;
+                    let reply = apply(&sp, op, &ts)?;
+                    audit::record(&sp, op, &reply, &ts, steps_before)?;
+                    Ok::<_, ApplyError>(reply)
                 });
                 match r {
                     Ok(reply) => {
@@ -420,6 +589,14 @@ fn refused(detail: String) -> ApplyError {
 
 fn apply(tx: &Connection, op: &Op, ts: &str) -> Result<Reply, ApplyError> {
     match op {
+        // Inside the request's savepoint: a refused part undoes them all.
+        Op::Many(ops) => {
+            let mut last = Reply::Unit;
+            for op in ops {
+                last = apply(tx, op, ts)?;
+            }
+            Ok(last)
+        }
         Op::StartBatch(b) => {
             tx.execute(
                 "INSERT INTO batches (name, profile, product, firmware, firmware_sha256, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
