@@ -33,6 +33,13 @@ impl PtyPair {
             Some(l) => format!("pty,raw,echo=0,link={}", l.display()),
             None => "pty,raw,echo=0".to_string(),
         };
+        // A killed socat leaves its links behind, pointing at pty numbers
+        // the new pair may reuse: remove them, so the wait below sees the
+        // new links only.
+        if let Some((la, lb)) = links {
+            let _ = std::fs::remove_file(la);
+            let _ = std::fs::remove_file(lb);
+        }
         let mut child = Command::new("socat")
             .args(["-d", "-d", &end(links.map(|l| l.0)), &end(links.map(|l| l.1))])
             .stdin(Stdio::null())
@@ -69,7 +76,8 @@ impl PtyPair {
             Some((la, lb)) => {
                 // socat reports a pty before it makes the link to it.
                 let started = std::time::Instant::now();
-                while !(la.exists() && lb.exists()) {
+                let linked = |l: &Path, end: &Path| std::fs::read_link(l).is_ok_and(|t| t == end);
+                while !(linked(la, &a) && linked(lb, &b)) {
                     if started.elapsed() > Duration::from_secs(5) {
                         let _ = child.kill();
                         panic!("socat did not make the links {} and {} within 5 s", la.display(), lb.display());
