@@ -36,8 +36,10 @@ root=$PWD
 # Outside the clone by default, so CI on the same machine reuses the build.
 export CARGO_TARGET_DIR=${TAPLINE_FUZZ_TARGET_DIR:-$HOME/.cache/tapline/fuzz-target}
 triple=$(rustc -vV | sed -n 's/^host: //p')
-# --target keeps the instrumentation out of build scripts.
-RUSTC_WRAPPER="$root/scripts/fuzz-rustc.sh" cargo build --manifest-path fuzz/Cargo.toml --locked --release \
+# --target keeps the instrumentation out of build scripts. Not --locked:
+# fuzz/Cargo.lock follows the workspace's crates when their dependencies
+# change (commit the updated lock with them).
+RUSTC_WRAPPER="$root/scripts/fuzz-rustc.sh" cargo build --manifest-path fuzz/Cargo.toml --release \
   --target "$triple" --bins
 bin=$CARGO_TARGET_DIR/$triple/release
 
