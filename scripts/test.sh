@@ -23,3 +23,8 @@ export TAPLINE_VPCD_READERS=8
 scripts/pcscd-vpcd.sh start "$TAPLINE_VPCD_READERS" "$TAPLINE_VPCD_PORT"
 trap 'scripts/pcscd-vpcd.sh stop' EXIT
 cargo test --workspace
+
+# Every fuzz target briefly (docs/fuzzing.md; the long form is
+# `scripts/fuzz.sh --seconds 600`). Its build lives outside the clone and is
+# reused by later runs on the same machine.
+scripts/fuzz.sh --seconds "${TAPLINE_FUZZ_SECONDS:-5}"

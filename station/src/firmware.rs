@@ -129,36 +129,42 @@ impl Firmware {
     pub fn load(dir: &Path, release_keys: &[VerifyingKey]) -> Result<Self, FirmwareError> {
         let manifest_bytes = read(dir, MANIFEST)?;
         let sig_text = read(dir, SIGNATURE)?;
-        let sig = hex::decode(String::from_utf8_lossy(&sig_text).trim()).map_err(|e| FirmwareError::Malformed {
+        let manifest = Self::verify_manifest(dir, &manifest_bytes, &sig_text, release_keys)?;
+        Self::from_manifest(dir, manifest)
+    }
+
+    /// The file-free first half of [`Firmware::load`]: checks `sig_text`
+    /// (the contents of `manifest.sig`) over `manifest_bytes` against the
+    /// pinned release keys, then parses the manifest. `dir` only names the
+    /// firmware in errors. (The fuzz targets call this directly.)
+    pub fn verify_manifest(
+        dir: &Path,
+        manifest_bytes: &[u8],
+        sig_text: &[u8],
+        release_keys: &[VerifyingKey],
+    ) -> Result<Manifest, FirmwareError> {
+        let sig = hex::decode(String::from_utf8_lossy(sig_text).trim()).map_err(|e| FirmwareError::Malformed {
             dir: dir.to_path_buf(),
             file: SIGNATURE.to_string(),
             detail: e.to_string(),
         })?;
-        let digest = manifest_digest(&manifest_bytes);
+        let digest = manifest_digest(manifest_bytes);
         if !release_keys.iter().any(|k| card::wallet::verify_digest(k, &digest, &sig)) {
             return Err(FirmwareError::BadSignature { dir: dir.to_path_buf() });
         }
-        let text = String::from_utf8(manifest_bytes).map_err(|e| FirmwareError::Malformed {
+        let text = std::str::from_utf8(manifest_bytes).map_err(|e| FirmwareError::Malformed {
             dir: dir.to_path_buf(),
             file: MANIFEST.to_string(),
             detail: e.to_string(),
         })?;
-        let manifest: Manifest = serde_saphyr::from_str(&text).map_err(|e| FirmwareError::Malformed {
+        serde_saphyr::from_str(text).map_err(|e| FirmwareError::Malformed {
             dir: dir.to_path_buf(),
             file: MANIFEST.to_string(),
             detail: e.to_string().lines().next().unwrap_or_default().to_string(),
-        })?;
-        Self::from_manifest(dir, manifest)
+        })
     }
 
     fn from_manifest(dir: &Path, manifest: Manifest) -> Result<Self, FirmwareError> {
-        let mismatch = |field, expected: String, actual_from, actual: String| FirmwareError::Mismatch {
-            dir: dir.to_path_buf(),
-            field,
-            expected,
-            actual_from,
-            actual,
-        };
         if manifest.cap.contains('/') || manifest.cap.contains("..") {
             return Err(FirmwareError::Malformed {
                 dir: dir.to_path_buf(),
@@ -167,12 +173,27 @@ impl Firmware {
             });
         }
         let cap_bytes = read(dir, &manifest.cap)?;
-        let cap_hash = hex::encode(Sha256::digest(&cap_bytes));
+        Self::from_manifest_and_cap(dir, manifest, &cap_bytes)
+    }
+
+    /// The file-free second half of [`Firmware::load`]: checks a parsed
+    /// manifest against the bytes of its CAP file (hashes, package AID and
+    /// version, applet AIDs) and decodes the install specs. `dir` only names
+    /// the firmware in errors. (The fuzz targets call this directly.)
+    pub fn from_manifest_and_cap(dir: &Path, manifest: Manifest, cap_bytes: &[u8]) -> Result<Self, FirmwareError> {
+        let mismatch = |field, expected: String, actual_from, actual: String| FirmwareError::Mismatch {
+            dir: dir.to_path_buf(),
+            field,
+            expected,
+            actual_from,
+            actual,
+        };
+        let cap_hash = hex::encode(Sha256::digest(cap_bytes));
         if !cap_hash.eq_ignore_ascii_case(manifest.cap_sha256.trim()) {
             return Err(mismatch("cap_sha256", manifest.cap_sha256.clone(), "the CAP file", cap_hash));
         }
         let cap =
-            CapFile::from_bytes(&cap_bytes).map_err(|source| FirmwareError::Cap { dir: dir.to_path_buf(), source })?;
+            CapFile::from_bytes(cap_bytes).map_err(|source| FirmwareError::Cap { dir: dir.to_path_buf(), source })?;
         let package_aid = parse_hex(dir, "package_aid", &manifest.package_aid)?;
         if package_aid != cap.package_aid() {
             return Err(mismatch(

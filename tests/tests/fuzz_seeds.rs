@@ -1,0 +1,102 @@
+//! Writes the seed corpora of the fuzz targets that take card-side
+//! encodings (fuzz/corpus/{tlv,cert,attestation,bundle,apdu_response}),
+//! made with the project's own encoders and demo keys. Ignored: run it
+//! after an encoding changes, then commit what it wrote:
+//! `cargo test -p tapline-tests --test fuzz_seeds -- --ignored`.
+
+use std::path::{Path, PathBuf};
+
+use card::cardid::CardId;
+use card::emu::factory::demo_vendor_ca;
+use card::gp::cplc::Cplc;
+use card::wallet::bundle::{self, ImportConfirmation, LinkAttestation, TransferRoute, WalletProof};
+use card::wallet::cert::Certificate;
+use card::wallet::{Attestation, WalletKeyProof, public_key_bytes, sign_digest, wallet_key_digest};
+use k256::ecdsa::SigningKey;
+
+fn key(seed: u8) -> SigningKey {
+    SigningKey::from_slice(&[seed; 32]).expect("valid scalar")
+}
+
+fn corpus(target: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
+    std::fs::create_dir_all(&dir).expect("corpus dir");
+    dir
+}
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    std::fs::write(corpus(target).join(name), bytes).expect("write seed");
+}
+
+/// u16-length-prefixed chunks (tapline_fuzz::chunks).
+fn script(op: u8, responses: &[&[u8]]) -> Vec<u8> {
+    let mut out = vec![op];
+    for r in responses {
+        out.extend_from_slice(&u16::try_from(r.len()).expect("short").to_be_bytes());
+        out.extend_from_slice(r);
+    }
+    out
+}
+
+fn ok(body: &[u8]) -> Vec<u8> {
+    [body, &[0x90, 0x00]].concat()
+}
+
+#[test]
+#[ignore = "writes fuzz/corpus; run by hand"]
+fn write_fuzz_seeds() {
+    let card_key = key(0x11);
+    let card_id = CardId([0x42; 10]);
+    let cert = Certificate::issue(&demo_vendor_ca(), card_id, card_key.verifying_key(), 1_700_000_000, 2_000_000_000);
+    let cert_bytes = cert.encode();
+    write("cert", "demo-ca-certificate", &cert_bytes);
+    write("tlv", "certificate", &cert_bytes);
+
+    let wallet = key(0x12);
+    let wallet_key = public_key_bytes(wallet.verifying_key());
+    let mut att = Attestation {
+        card_id,
+        counter: 7,
+        lifecycle: 0x03,
+        firmware_hash: [0xC8; 32],
+        wallet_key: Some(wallet_key),
+        signature: [0; 64],
+    };
+    att.signature = sign_digest(&card_key, &att.digest(&[0x42; 32]));
+    write("attestation", "attestation-keyed", &att.encode());
+    write("tlv", "attestation", &att.encode());
+    let bare = Attestation { wallet_key: None, ..att.clone() };
+    write("attestation", "attestation-installed", &bare.encode());
+    let proof = WalletKeyProof {
+        public_key: wallet_key,
+        signature: sign_digest(&card_key, &wallet_key_digest(&card_id, &wallet_key)),
+    };
+    write("attestation", "wallet-key-proof", &proof.encode());
+
+    let (bundle_id, primary_id) = ([0xB0; 16], CardId([1; 10]));
+    let (primary, backup) = (key(0x21), key(0x22));
+    let mut link = LinkAttestation { card_id, firmware_hash: [0xC8; 32], signature: [0; 64] };
+    link.signature = sign_digest(&backup, &link.digest(&bundle_id, &primary_id, &[3; 32]));
+    write("bundle", "link-attestation", &[&[0u8][..], &link.encode()].concat());
+    let mut conf = ImportConfirmation { card_id, wallet_key, signature: [0; 64] };
+    conf.signature = sign_digest(&backup, &conf.digest(&bundle_id, &primary_id));
+    write("bundle", "import-confirmation", &[&[1u8][..], &conf.encode()].concat());
+    let wp = WalletProof { wallet_key, signature: [0x33; 64] };
+    write("bundle", "wallet-proof", &[&[2u8][..], &wp.encode()].concat());
+    let route = TransferRoute { bundle_id, from: primary_id, to: card_id };
+    let blob = bundle::seal_transfer(&route, &wallet, backup.verifying_key(), &primary, &key(0x23), &[7; 12]);
+    write("bundle", "transfer-blob", &[&[3u8][..], &blob.encode()].concat());
+    write("tlv", "transfer-blob", &blob.encode());
+
+    let cplc = Cplc::for_card(&card_id, [0x47, 0x90]).encode();
+    write("apdu_response", "get-cplc", &script(0, &[&ok(&cplc)]));
+    write("apdu_response", "get-cplc-61xx-chain", &script(0, &[&[0x61, 0x10], &ok(&cplc[..16]), &ok(&cplc[16..])]));
+    write("apdu_response", "get-cplc-6cxx", &script(0, &[&[0x6C, 0x2D], &ok(&cplc)]));
+    write("apdu_response", "identity", &script(2, &[&ok(&cert_bytes)]));
+    write("apdu_response", "attest", &script(3, &[&ok(&att.encode())]));
+    write("apdu_response", "wallet-key", &script(5, &[&ok(&proof.encode())]));
+    write("apdu_response", "wallet-key-absent", &script(5, &[&[0x6A, 0x88]]));
+    write("apdu_response", "export", &script(13, &[&ok(&blob.encode())]));
+    write("apdu_response", "read-cplc", &script(20, &[&ok(&cplc)]));
+    write("apdu_response", "read-identity", &script(21, &[&ok(&cert_bytes)]));
+}
