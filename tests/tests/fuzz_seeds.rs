@@ -1,8 +1,7 @@
 //! Writes the seed corpora of the fuzz targets that take card-side
 //! encodings (fuzz/corpus/{tlv,cert,attestation,bundle,apdu_response}),
-//! made with the project's own encoders and demo keys. Ignored: run it
-//! after an encoding changes, then commit what it wrote:
-//! `cargo test -p tapline-tests --test fuzz_seeds -- --ignored`.
+//! made with the project's own encoders and demo keys. The test checks the committed seeds are current; rewrite them with
+//! `TAPLINE_WRITE_FUZZ_SEEDS=1 cargo test -p tapline-tests --test fuzz_seeds`.
 
 use std::path::{Path, PathBuf};
 
@@ -24,8 +23,21 @@ fn corpus(target: &str) -> PathBuf {
     dir
 }
 
+/// Checks the committed seed equals what the encoders make now; with
+/// TAPLINE_WRITE_FUZZ_SEEDS=1 writes it instead (after an encoding change).
 fn write(target: &str, name: &str, bytes: &[u8]) {
-    std::fs::write(corpus(target).join(name), bytes).expect("write seed");
+    let path = corpus(target).join(name);
+    if std::env::var_os("TAPLINE_WRITE_FUZZ_SEEDS").is_some() {
+        std::fs::write(&path, bytes).expect("write seed");
+        return;
+    }
+    let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("seed {} missing ({e})", path.display()));
+    assert!(
+        committed == bytes,
+        "seed {} is stale: the encoding changed; rewrite the seeds with TAPLINE_WRITE_FUZZ_SEEDS=1 \
+         cargo test -p tapline-tests --test fuzz_seeds",
+        path.display()
+    );
 }
 
 /// u16-length-prefixed chunks (tapline_fuzz::chunks).
@@ -43,8 +55,7 @@ fn ok(body: &[u8]) -> Vec<u8> {
 }
 
 #[test]
-#[ignore = "writes fuzz/corpus; run by hand"]
-fn write_fuzz_seeds() {
+fn fuzz_seeds_match_the_encoders() {
     let card_key = key(0x11);
     let card_id = CardId([0x42; 10]);
     let cert = Certificate::issue(&demo_vendor_ca(), card_id, card_key.verifying_key(), 1_700_000_000, 2_000_000_000);
