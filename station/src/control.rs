@@ -35,15 +35,39 @@ pub enum Action {
     Resume,
 }
 
-/// The readers a pause or resume applies to (one, or every lane), and
-/// whether it pauses.
-pub fn pause_targets(action: &Action, lanes: &[crate::state::LaneView]) -> Option<(Vec<String>, bool)> {
-    match action {
-        Action::PauseReader { reader } => Some((vec![reader.clone()], true)),
-        Action::ResumeReader { reader } => Some((vec![reader.clone()], false)),
-        Action::Pause => Some((lanes.iter().map(|l| l.reader.clone()).collect(), true)),
-        Action::Resume => Some((lanes.iter().map(|l| l.reader.clone()).collect(), false)),
-        _ => None,
+/// A pause or resume: the readers it applies to (one, or every lane),
+/// checked against the lanes the station has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PauseRequest {
+    pub readers: Vec<String>,
+    pub paused: bool,
+}
+
+impl PauseRequest {
+    /// None when `action` is not a pause or resume; refused when it names a
+    /// reader the station does not have.
+    pub fn of(action: &Action, lanes: &[crate::state::LaneView]) -> Option<Result<Self, Refused>> {
+        let all = || lanes.iter().map(|l| l.reader.clone()).collect();
+        let (readers, paused) = match action {
+            Action::PauseReader { reader } => (vec![reader.clone()], true),
+            Action::ResumeReader { reader } => (vec![reader.clone()], false),
+            Action::Pause => (all(), true),
+            Action::Resume => (all(), false),
+            _ => return None,
+        };
+        if let Some(r) = readers.iter().find(|r| !lanes.iter().any(|l| &l.reader == *r)) {
+            return Some(Err(Refused(format!("no reader named {r:?}"))));
+        }
+        Some(Ok(Self { readers, paused }))
+    }
+
+    /// What the operator reads, e.g. "emu-03 paused" or "8 readers resumed".
+    pub fn describe(&self) -> String {
+        let what = match self.readers.as_slice() {
+            [one] => one.clone(),
+            all => format!("{} readers", all.len()),
+        };
+        format!("{what} {}", if self.paused { "paused" } else { "resumed" })
     }
 }
 
@@ -84,21 +108,14 @@ impl Controller for OneBatch {
                 "stopping: interrupting the cards in flight".to_string()
             }
             pause => {
-                let lanes = self.live.snapshot().lanes.clone();
-                let Some((readers, paused)) = pause_targets(&pause, &lanes) else {
-                    return Err(Refused("not a pause action".into()));
-                };
-                if let Some(r) = readers.iter().find(|r| !lanes.iter().any(|l| &l.reader == *r)) {
-                    return Err(Refused(format!("no reader named {r:?}")));
-                }
+                let request = PauseRequest::of(&pause, &self.live.snapshot().lanes)
+                    .unwrap_or_else(|| Err(Refused("not a pause action".into())))?;
                 let mut m = self.live.model();
-                for r in &readers {
-                    self.control.set_paused(r, paused);
-                    m.set_paused(r, paused);
+                for r in &request.readers {
+                    self.control.set_paused(r, request.paused);
+                    m.set_paused(r, request.paused);
                 }
-                drop(m);
-                let what = if readers.len() == 1 { readers[0].clone() } else { format!("{} readers", readers.len()) };
-                format!("{what} {}", if paused { "paused" } else { "resumed" })
+                request.describe()
             }
         };
         self.live.model().log(at, Level::Warn, None, text.clone());

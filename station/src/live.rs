@@ -20,7 +20,8 @@ pub const TICK: Duration = Duration::from_millis(250);
 pub struct Live {
     model: Mutex<StateModel>,
     metrics: Metrics,
-    profile: Mutex<String>,
+    /// Shared, not copied, with every event's metrics.
+    profile: Mutex<Arc<str>>,
     tx: watch::Sender<Arc<Snapshot>>,
 }
 
@@ -32,7 +33,7 @@ impl Live {
         Arc::new(Self {
             model: Mutex::new(model),
             metrics: Metrics::new(station),
-            profile: Mutex::new(String::new()),
+            profile: Mutex::new(Arc::from("")),
             tx,
         })
     }
@@ -47,12 +48,12 @@ impl Live {
 
     /// The profile name the metrics of the running batch are labelled with.
     pub fn set_profile(&self, name: &str) {
-        *self.profile.lock().unwrap_or_else(PoisonError::into_inner) = name.to_string();
+        *self.profile.lock().unwrap_or_else(PoisonError::into_inner) = Arc::from(name);
     }
 
     /// Takes one event into the model and the metrics.
     pub fn on_event(&self, ev: &Event) {
-        let profile = self.profile.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let profile = Arc::clone(&self.profile.lock().unwrap_or_else(PoisonError::into_inner));
         self.metrics.observe(ev, &profile);
         self.model().apply(ev, Instant::now(), SystemTime::now());
     }

@@ -35,16 +35,23 @@ pub struct ProfileError {
 
 impl fmt::Display for ProfileError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "profile {} has {} problem(s):", self.file.display(), self.problems.len())?;
-        for p in &self.problems {
-            if p.line > 0 {
-                write!(f, "\n  {}:{}:{}: {}: {}", self.file.display(), p.line, p.column, p.field, p.message)?;
-            } else {
-                write!(f, "\n  {}: {}: {}", self.file.display(), p.field, p.message)?;
-            }
-        }
-        Ok(())
+        write_problems(f, "profile", &self.file, &self.problems)
     }
+}
+
+/// "WHAT FILE has N problem(s):" and one line per problem with its place:
+/// the message of every YAML file the station and the rig validate
+/// (profiles, the daemon's configuration, regression plans).
+pub fn write_problems(f: &mut fmt::Formatter<'_>, what: &str, file: &Path, problems: &[Problem]) -> fmt::Result {
+    write!(f, "{what} {} has {} problem(s):", file.display(), problems.len())?;
+    for p in problems {
+        if p.line > 0 {
+            write!(f, "\n  {}:{}:{}: {}: {}", file.display(), p.line, p.column, p.field, p.message)?;
+        } else {
+            write!(f, "\n  {}: {}: {}", file.display(), p.field, p.message)?;
+        }
+    }
+    Ok(())
 }
 
 // ---- the file as written -------------------------------------------------
@@ -371,7 +378,7 @@ impl Profile {
 
 /// The parser's message without its own "error: line N column M:" prefix
 /// (the place is reported separately).
-fn first_line(e: &impl fmt::Display) -> String {
+pub fn first_line(e: &impl fmt::Display) -> String {
     let s = e.to_string();
     let mut m = s.lines().next().unwrap_or("invalid YAML").trim();
     m = m.strip_prefix("error:").unwrap_or(m).trim_start();

@@ -51,14 +51,7 @@ impl fmt::Display for Target {
     }
 }
 
-/// One problem in a plan, with its place.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub line: u64,
-    pub column: u64,
-    pub field: String,
-    pub message: String,
-}
+pub use station::profile::Problem;
 
 /// Every problem found in one plan file.
 #[derive(Debug, thiserror::Error)]
@@ -69,15 +62,7 @@ pub struct PlanError {
 
 impl fmt::Display for PlanError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "plan {} has {} problem(s):", self.file.display(), self.problems.len())?;
-        for p in &self.problems {
-            if p.line > 0 {
-                write!(f, "\n  {}:{}:{}: {}: {}", self.file.display(), p.line, p.column, p.field, p.message)?;
-            } else {
-                write!(f, "\n  {}: {}: {}", self.file.display(), p.field, p.message)?;
-            }
-        }
-        Ok(())
+        station::profile::write_problems(f, "plan", &self.file, &self.problems)
     }
 }
 
@@ -446,7 +431,12 @@ impl Plan {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
             PlanError {
                 file: path.to_path_buf(),
-                problems: vec![Problem { line, column, field: key_at(text, line), message: parser_message(&e) }],
+                problems: vec![Problem {
+                    line,
+                    column,
+                    field: key_at(text, line),
+                    message: station::profile::first_line(&e),
+                }],
             }
         })?;
         let mut v = Validator { problems: Vec::new() };
@@ -469,19 +459,6 @@ fn key_at(text: &str, line: u64) -> String {
         Some((k, _)) if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => k.to_string(),
         _ => "(yaml)".into(),
     }
-}
-
-/// The parser's message without its own "error: line N column M:" prefix.
-fn parser_message(e: &impl fmt::Display) -> String {
-    let s = e.to_string();
-    let mut m = s.lines().next().unwrap_or("invalid YAML").trim();
-    m = m.strip_prefix("error:").unwrap_or(m).trim_start();
-    if m.starts_with("line ")
-        && let Some((_, rest)) = m.split_once(": ")
-    {
-        m = rest;
-    }
-    m.to_string()
 }
 
 pub fn parse_step(name: &str) -> Option<Step> {

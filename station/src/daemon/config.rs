@@ -26,15 +26,7 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "configuration {} has {} problem(s):", self.file.display(), self.problems.len())?;
-        for p in &self.problems {
-            if p.line > 0 {
-                write!(f, "\n  {}:{}:{}: {}: {}", self.file.display(), p.line, p.column, p.field, p.message)?;
-            } else {
-                write!(f, "\n  {}: {}: {}", self.file.display(), p.field, p.message)?;
-            }
-        }
-        Ok(())
+        crate::profile::write_problems(f, "configuration", &self.file, &self.problems)
     }
 }
 
@@ -151,11 +143,14 @@ impl DaemonConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            let msg = e.to_string();
-            let msg = msg.lines().next().unwrap_or("invalid YAML").to_string();
             ConfigError {
                 file: path.to_path_buf(),
-                problems: vec![Problem { line, column, field: "(yaml)".into(), message: msg }],
+                problems: vec![Problem {
+                    line,
+                    column,
+                    field: "(yaml)".into(),
+                    message: crate::profile::first_line(&e),
+                }],
             }
         })?;
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();

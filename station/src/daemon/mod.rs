@@ -398,38 +398,32 @@ impl Controller for Daemon {
                 Ok(text.into())
             }
             pause => {
-                let lanes = self.live.snapshot().lanes.clone();
-                let Some((readers, paused)) = crate::control::pause_targets(&pause, &lanes) else {
-                    return Err(Refused("not a pause action".into()));
-                };
-                self.pause(&readers, paused)
+                let request = crate::control::PauseRequest::of(&pause, &self.live.snapshot().lanes)
+                    .unwrap_or_else(|| Err(Refused("not a pause action".into())))?;
+                self.pause(&request)
             }
         }
     }
 }
 
 impl Daemon {
-    fn pause(&self, readers: &[String], paused: bool) -> Result<String, Refused> {
-        let lanes = self.live.snapshot().lanes.clone();
-        if let Some(r) = readers.iter().find(|r| !lanes.iter().any(|l| &l.reader == *r)) {
-            return Err(Refused(format!("no reader named {r:?}")));
-        }
+    fn pause(&self, request: &crate::control::PauseRequest) -> Result<String, Refused> {
         let current = lock(&self.current).clone();
         let mut m = self.live.model();
-        for reader in readers {
-            if paused {
+        for reader in &request.readers {
+            // Kept for later batches; the running batch's workers see it at
+            // their next card.
+            if request.paused {
                 lock(&self.paused).insert(reader.clone());
             } else {
                 lock(&self.paused).remove(reader);
             }
-            // The running batch's workers see it at their next card.
             if let Some(c) = &current {
-                c.set_paused(reader, paused);
+                c.set_paused(reader, request.paused);
             }
-            m.set_paused(reader, paused);
+            m.set_paused(reader, request.paused);
         }
-        let what = if readers.len() == 1 { readers[0].clone() } else { format!("{} readers", readers.len()) };
-        let text = format!("{what} {}", if paused { "paused" } else { "resumed" });
+        let text = request.describe();
         m.log(SystemTime::now(), Level::Info, None, text.clone());
         drop(m);
         self.live.publish();

@@ -162,6 +162,18 @@ pub fn export(path: &Path) -> Result<Export, LedgerError> {
     Ok(Export { cards, bundles })
 }
 
+/// One journal line from `SELECT card_id, attempt, step, event, detail, at`.
+pub(super) fn step_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StepExport> {
+    Ok(StepExport {
+        card_id: r.get(0)?,
+        attempt: r.get(1)?,
+        step: r.get(2)?,
+        event: r.get(3)?,
+        detail: r.get(4)?,
+        at: r.get(5)?,
+    })
+}
+
 /// The step journal of one card, oldest first.
 pub fn steps(path: &Path, card_id: &str) -> Result<Vec<StepExport>, LedgerError> {
     let conn = open_read(path)?;
@@ -169,19 +181,7 @@ pub fn steps(path: &Path, card_id: &str) -> Result<Vec<StepExport>, LedgerError>
     let mut stmt = conn
         .prepare("SELECT card_id, attempt, step, event, detail, at FROM steps WHERE card_id = ?1 ORDER BY id")
         .map_err(sql)?;
-    stmt.query_map([card_id], |r| {
-        Ok(StepExport {
-            card_id: r.get(0)?,
-            attempt: r.get(1)?,
-            step: r.get(2)?,
-            event: r.get(3)?,
-            detail: r.get(4)?,
-            at: r.get(5)?,
-        })
-    })
-    .map_err(sql)?
-    .collect::<Result<Vec<_>, _>>()
-    .map_err(sql)
+    stmt.query_map([card_id], step_row).map_err(sql)?.collect::<Result<Vec<_>, _>>().map_err(sql)
 }
 
 /// CSV of the cards (RFC 4180 quoting), one header line then one per card.

@@ -108,19 +108,10 @@ pub fn batch_steps(path: &Path, batch: &BatchRecord) -> Result<Vec<StepExport>, 
              ORDER BY s.id",
         )
         .map_err(sql)?;
-    stmt.query_map(params![batch.id, batch.started_at, batch.finished_at], |r| {
-        Ok(StepExport {
-            card_id: r.get(0)?,
-            attempt: r.get(1)?,
-            step: r.get(2)?,
-            event: r.get(3)?,
-            detail: r.get(4)?,
-            at: r.get(5)?,
-        })
-    })
-    .map_err(sql)?
-    .collect::<Result<Vec<_>, _>>()
-    .map_err(sql)
+    stmt.query_map(params![batch.id, batch.started_at, batch.finished_at], super::export::step_row)
+        .map_err(sql)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql)
 }
 
 /// Everything about one batch (by name or id).
