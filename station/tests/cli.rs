@@ -108,7 +108,7 @@ fn bad_profile_names_file_line_and_field() {
     let o = station(&["profile", "check", bad.to_str().expect("utf8")]);
     assert!(!o.status.success());
     let out = text(&o);
-    assert!(out.contains(&format!("bad.yaml:{line}:3: (yaml): unknown field `turbo`")), "{out}");
+    assert!(out.contains(&format!("bad.yaml:{line}:3: turbo: unknown field `turbo`")), "{out}");
     assert!(out.contains("turbo"), "{out}");
 
     let o = station(&["run", "--profile", bad.to_str().expect("utf8"), "--sim", "1", "--cards", "1", "--headless"]);
