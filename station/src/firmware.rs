@@ -61,7 +61,7 @@ pub enum FirmwareError {
     #[error("firmware {dir}: manifest signature does not verify against any pinned release key")]
     BadSignature { dir: PathBuf },
     #[error("firmware {dir}: {field} mismatch: manifest says {expected}, {actual_from} gives {actual}")]
-    Mismatch { dir: PathBuf, field: &'static str, expected: String, actual_from: &'static str, actual: String },
+    Mismatch { dir: PathBuf, field: &'static str, expected: String, actual_from: String, actual: String },
     #[error("firmware {dir}: CAP file: {source}")]
     Cap {
         dir: PathBuf,
@@ -201,16 +201,17 @@ impl Firmware {
     /// version, applet AIDs) and decodes the install specs. `dir` only names
     /// the firmware in errors. (The fuzz targets call this directly.)
     pub fn from_manifest_and_cap(dir: &Path, manifest: Manifest, cap_bytes: &[u8]) -> Result<Self, FirmwareError> {
-        let mismatch = |field, expected: String, actual_from, actual: String| FirmwareError::Mismatch {
+        let mismatch = |field, expected: String, actual_from: &str, actual: String| FirmwareError::Mismatch {
             dir: dir.to_path_buf(),
             field,
             expected,
-            actual_from,
+            actual_from: actual_from.to_string(),
             actual,
         };
         let cap_hash = hex::encode(Sha256::digest(cap_bytes));
         if !cap_hash.eq_ignore_ascii_case(manifest.cap_sha256.trim()) {
-            return Err(mismatch("cap_sha256", manifest.cap_sha256.clone(), "the CAP file", cap_hash));
+            let from = format!("the CAP file {}", manifest.cap);
+            return Err(mismatch("cap_sha256", manifest.cap_sha256.clone(), &from, cap_hash));
         }
         let cap =
             CapFile::from_bytes(cap_bytes).map_err(|source| FirmwareError::Cap { dir: dir.to_path_buf(), source })?;
