@@ -391,11 +391,9 @@ fn the_grafana_dashboard_queries_only_what_the_station_exports() {
         .and_then(|l| l.iter().find(|v| v["name"] == "station"))
         .expect("a station variable");
     assert!(station_var["multi"] == true && station_var["includeAll"] == true, "{station_var}");
-    for (what, needle) in [
-        ("throughput", "tapline_cards_total{"),
-        ("yield", "outcome=\"passed\""),
-        ("failures", "outcome=\"failed\""),
-    ] {
+    for (what, needle) in
+        [("throughput", "tapline_cards_total{"), ("yield", "outcome=\"passed\""), ("failures", "outcome=\"failed\"")]
+    {
         let per_station = queries.iter().any(|q| {
             let by = grouping_labels(q);
             q.contains(needle) && !by.is_empty() && by.iter().all(|l| l == "station")
