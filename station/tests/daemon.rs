@@ -324,10 +324,33 @@ fn sighup_with_hostile_files_keeps_the_last_good_configuration() {
     )
     .expect("profile");
     let with_laughs = config_text(d.dir.path(), port, &[("demo", demo()), ("laughs", laughs)], 0.0);
+    // A profile whose firmware copy has one CAP byte changed.
+    let fw = d.dir.path().join("tampered-fw");
+    std::fs::create_dir_all(&fw).expect("dir");
+    for e in std::fs::read_dir(repo().join("firmware/wallet-demo")).expect("firmware") {
+        let e = e.expect("entry");
+        let mut bytes = std::fs::read(e.path()).expect("read");
+        if e.path().extension().is_some_and(|x| x == "cap") {
+            let at = bytes.len() / 2;
+            bytes[at] ^= 0x01;
+        }
+        std::fs::write(fw.join(e.file_name()), bytes).expect("write");
+    }
+    let tampered = d.dir.path().join("tampered.yaml");
+    std::fs::write(
+        &tampered,
+        std::fs::read_to_string(demo())
+            .expect("demo")
+            .replace("dir: ../firmware/wallet-demo", &format!("dir: {}", fw.display()))
+            .replace("file:../firmware/keys/", &format!("file:{}/", repo().join("firmware/keys").display())),
+    )
+    .expect("profile");
+    let with_tampered = config_text(d.dir.path(), port, &[("demo", demo()), ("tampered", tampered)], 0.0);
     for (what, text, names) in [
         ("alias bomb", bomb, "station.yaml:1:1"),
         ("deep nesting", deep, "station.yaml:2:"),
         ("aliased strings", with_laughs, "laughs.yaml:"),
+        ("tampered firmware", with_tampered, "cap_sha256 mismatch"),
     ] {
         std::fs::write(&cfg, &text).expect("config");
         let started = Instant::now();
