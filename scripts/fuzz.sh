@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
     *) targets+=("$1"); shift ;;
   esac
 done
-all=(apdu_response tlv cap cert attestation bundle profile firmware_manifest vpcd daemon_config)
+all=(apdu_response tlv cap cert attestation bundle profile firmware_manifest vpcd daemon_config fixture)
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 
 # A C++ compiler for libFuzzer itself (built from source by libfuzzer-sys).

@@ -14,8 +14,10 @@ BUILD_PACKAGES=(build-essential pkg-config libpcsclite-dev libudev-dev libusb-1.
 # systemd-analyze that verifies the shipped unit (station/tests/daemon.rs),
 # gdb, whose gcore dumps a running station for the secrets canary search
 # (station/tests/secrets.rs), and socat, which makes the pty pairs the serial
-# fixture tests talk over (tests/tests/fixture_serial.rs).
-TEST_PACKAGES=(chromium prometheus tmux systemd gdb socat)
+# fixture tests talk over (tests/tests/fixture_serial.rs), and GNU time,
+# which measures the peak memory of the station on hostile configuration
+# files (station/tests/hostile_config.rs; prlimit is util-linux, always there).
+TEST_PACKAGES=(chromium prometheus tmux systemd gdb socat time)
 
 # as_root CMD...: runs CMD as root (sudo when not root).
 as_root() {

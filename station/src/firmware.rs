@@ -61,7 +61,7 @@ pub enum FirmwareError {
     #[error("firmware {dir}: manifest signature does not verify against any pinned release key")]
     BadSignature { dir: PathBuf },
     #[error("firmware {dir}: {field} mismatch: manifest says {expected}, {actual_from} gives {actual}")]
-    Mismatch { dir: PathBuf, field: &'static str, expected: String, actual_from: &'static str, actual: String },
+    Mismatch { dir: PathBuf, field: &'static str, expected: String, actual_from: String, actual: String },
     #[error("firmware {dir}: CAP file: {source}")]
     Cap {
         dir: PathBuf,
@@ -124,10 +124,27 @@ fn parse_hex(dir: &Path, field: &str, s: &str) -> Result<Vec<u8>, FirmwareError>
     })
 }
 
+/// Reads the manifest, refusing one larger than any YAML file the station
+/// reads (`yaml::MAX_FILE_BYTES`) before reading it: it is hashed before its
+/// signature says whether it is ours.
+fn read_manifest(dir: &Path) -> Result<Vec<u8>, FirmwareError> {
+    let path = dir.join(MANIFEST);
+    let io = |source| FirmwareError::Io { dir: dir.to_path_buf(), file: MANIFEST.to_string(), source };
+    let size = std::fs::metadata(&path).map_err(io)?.len();
+    if size > crate::yaml::MAX_FILE_BYTES {
+        return Err(FirmwareError::Malformed {
+            dir: dir.to_path_buf(),
+            file: MANIFEST.to_string(),
+            detail: format!("{size} bytes: larger than {} KiB", crate::yaml::MAX_FILE_BYTES / 1024),
+        });
+    }
+    read(dir, MANIFEST)
+}
+
 impl Firmware {
     /// Loads and verifies a firmware directory against the pinned release keys.
     pub fn load(dir: &Path, release_keys: &[VerifyingKey]) -> Result<Self, FirmwareError> {
-        let manifest_bytes = read(dir, MANIFEST)?;
+        let manifest_bytes = read_manifest(dir)?;
         let sig_text = read(dir, SIGNATURE)?;
         let manifest = Self::verify_manifest(dir, &manifest_bytes, &sig_text, release_keys)?;
         Self::from_manifest(dir, manifest)
@@ -157,10 +174,13 @@ impl Firmware {
             file: MANIFEST.to_string(),
             detail: e.to_string(),
         })?;
-        serde_saphyr::from_str(text).map_err(|e| FirmwareError::Malformed {
-            dir: dir.to_path_buf(),
-            file: MANIFEST.to_string(),
-            detail: e.to_string().lines().next().unwrap_or_default().to_string(),
+        crate::yaml::from_str(text).map_err(|e| {
+            let (line, column, key, message) = crate::yaml::place(text, &e);
+            FirmwareError::Malformed {
+                dir: dir.to_path_buf(),
+                file: if line > 0 { format!("{MANIFEST}:{line}:{column}") } else { MANIFEST.to_string() },
+                detail: format!("{key}: {message}"),
+            }
         })
     }
 
@@ -181,16 +201,17 @@ impl Firmware {
     /// version, applet AIDs) and decodes the install specs. `dir` only names
     /// the firmware in errors. (The fuzz targets call this directly.)
     pub fn from_manifest_and_cap(dir: &Path, manifest: Manifest, cap_bytes: &[u8]) -> Result<Self, FirmwareError> {
-        let mismatch = |field, expected: String, actual_from, actual: String| FirmwareError::Mismatch {
+        let mismatch = |field, expected: String, actual_from: &str, actual: String| FirmwareError::Mismatch {
             dir: dir.to_path_buf(),
             field,
             expected,
-            actual_from,
+            actual_from: actual_from.to_string(),
             actual,
         };
         let cap_hash = hex::encode(Sha256::digest(cap_bytes));
         if !cap_hash.eq_ignore_ascii_case(manifest.cap_sha256.trim()) {
-            return Err(mismatch("cap_sha256", manifest.cap_sha256.clone(), "the CAP file", cap_hash));
+            let from = format!("the CAP file {}", manifest.cap);
+            return Err(mismatch("cap_sha256", manifest.cap_sha256.clone(), &from, cap_hash));
         }
         let cap =
             CapFile::from_bytes(cap_bytes).map_err(|source| FirmwareError::Cap { dir: dir.to_path_buf(), source })?;

@@ -23,3 +23,4 @@ pub mod signals;
 pub mod sim;
 pub mod state;
 pub mod worker;
+pub mod yaml;

@@ -96,12 +96,14 @@ enum Command {
         command: GpCommand,
     },
     /// The terminal dashboard of a running station (`station run --listen`
-    /// or `station daemon`), from another terminal or machine.
+    /// or `station daemon`), from another terminal or machine; with several
+    /// --connect, the line view (a summary tab and one tab per station).
     Dash {
-        /// The station's API address, HOST:PORT.
-        #[arg(long, value_name = "HOST:PORT")]
-        connect: String,
-        /// The API token: env:NAME or file:PATH.
+        /// The station's API address, HOST:PORT or http://HOST:PORT; repeat it
+        /// to watch a line of stations.
+        #[arg(long, value_name = "HOST:PORT", required = true)]
+        connect: Vec<String>,
+        /// The API token (every station's): env:NAME or file:PATH.
         #[arg(long, value_name = "SOURCE")]
         token: Option<String>,
     },
@@ -461,7 +463,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run_batch(args),
         Command::Dash { connect, token } => {
             let token = token.as_deref().map(resolve_token).transpose()?;
-            Ok(station::dash::run_remote(&connect, token)?)
+            let addrs = connect.iter().map(|c| station_addr(c)).collect::<anyhow::Result<Vec<_>>>()?;
+            match addrs.as_slice() {
+                [one] => Ok(station::dash::run_remote(one, token)?),
+                _ => Ok(station::dash::run_line(&addrs, token)?),
+            }
         }
         Command::Daemon { config, drain_timeout } => run_daemon(&config, Duration::from_secs(drain_timeout)),
         Command::Ledger { command: LedgerCommand::Export { ledger, format, out } } => {
@@ -985,6 +991,16 @@ fn host_name() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "station".to_string())
+}
+
+/// A station's API address from `--connect`: HOST:PORT, or a URL of it
+/// (http only: the API speaks plain HTTP).
+fn station_addr(spec: &str) -> anyhow::Result<String> {
+    let addr = spec.strip_prefix("http://").unwrap_or(spec).trim_end_matches('/');
+    if addr.is_empty() || addr.contains('/') || !addr.contains(':') {
+        bail!("--connect {spec:?}: expected HOST:PORT or http://HOST:PORT");
+    }
+    Ok(addr.to_string())
 }
 
 /// An API token from env:NAME or file:PATH (never inline on a command line,

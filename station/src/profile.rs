@@ -350,9 +350,9 @@ impl Profile {
     }
 
     pub fn load(path: &Path) -> Result<Self, ProfileError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ProfileError {
+        let text = crate::yaml::read(path).map_err(|message| ProfileError {
             file: path.to_path_buf(),
-            problems: vec![Problem { line: 0, column: 0, field: "(file)".into(), message: e.to_string() }],
+            problems: vec![Problem { line: 0, column: 0, field: "(file)".into(), message }],
         })?;
         Self::parse(&text, path)
     }
@@ -360,12 +360,9 @@ impl Profile {
     /// Parses and validates profile text; `path` names it in errors and
     /// anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ProfileError> {
-        let raw: RawProfile = serde_saphyr::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            ProfileError {
-                file: path.to_path_buf(),
-                problems: vec![Problem { line, column, field: "(yaml)".into(), message: first_line(&e) }],
-            }
+        let raw: RawProfile = crate::yaml::from_str(text).map_err(|e| {
+            let (line, column, field, message) = crate::yaml::place(text, &e);
+            ProfileError { file: path.to_path_buf(), problems: vec![Problem { line, column, field, message }] }
         })?;
         let mut v = Validator { problems: Vec::new(), base: path.parent().unwrap_or(Path::new(".")).to_path_buf() };
         let profile = v.profile(raw, path);

@@ -108,7 +108,7 @@ fn bad_profile_names_file_line_and_field() {
     let o = station(&["profile", "check", bad.to_str().expect("utf8")]);
     assert!(!o.status.success());
     let out = text(&o);
-    assert!(out.contains(&format!("bad.yaml:{line}:3: (yaml): unknown field `turbo`")), "{out}");
+    assert!(out.contains(&format!("bad.yaml:{line}:3: turbo: unknown field `turbo`")), "{out}");
     assert!(out.contains("turbo"), "{out}");
 
     let o = station(&["run", "--profile", bad.to_str().expect("utf8"), "--sim", "1", "--cards", "1", "--headless"]);
@@ -211,4 +211,145 @@ fn a_fixture_needs_pcsc_and_a_serial_spec() {
     ]);
     assert!(!o.status.success());
     assert!(text(&o).contains("--fixture \"/dev/ttyUSB0\": expected serial:"), "{}", text(&o));
+}
+
+/// A copy of the demo profile and its firmware in `dir`, the profile's
+/// paths pointing at the copy; returns the profile and the firmware folder.
+fn demo_copy(dir: &Path) -> (PathBuf, PathBuf) {
+    let fw = dir.join("firmware");
+    std::fs::create_dir_all(&fw).expect("firmware dir");
+    for e in std::fs::read_dir(repo().join("firmware/wallet-demo")).expect("dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), fw.join(e.file_name())).expect("copy");
+    }
+    let keys = repo().join("firmware/keys").canonicalize().expect("keys");
+    let text = std::fs::read_to_string(repo().join("profiles/demo.yaml"))
+        .expect("demo")
+        .replace("dir: ../firmware/wallet-demo", &format!("dir: {}", fw.display()))
+        .replace("file:../firmware/keys/", &format!("file:{}/", keys.display()));
+    let profile = dir.join("profile.yaml");
+    std::fs::write(&profile, text).expect("profile");
+    (profile, fw)
+}
+
+/// `station run --sim` on `profile` at trace level (every APDU logged);
+/// returns its output, the log and whether the ledger holds any card.
+fn traced_run(dir: &Path, profile: &Path) -> (Output, String, bool) {
+    let ledger = dir.join("l.db");
+    let log = dir.join("trace.log");
+    let o = station(&[
+        "run",
+        "--profile",
+        profile.to_str().expect("utf8"),
+        "--sim",
+        "2",
+        "--cards",
+        "2",
+        "--card-speed",
+        "0",
+        "--headless",
+        "--ledger",
+        ledger.to_str().expect("utf8"),
+        "--report-dir",
+        dir.join("report").to_str().expect("utf8"),
+        "--log-level",
+        "trace",
+        "--log-file",
+        log.to_str().expect("utf8"),
+    ]);
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    let cards = ledger.exists() && {
+        let e = station(&["ledger", "export", "--ledger", ledger.to_str().expect("utf8"), "--format", "json"]);
+        let doc: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap_or_default();
+        doc["cards"].as_array().is_some_and(|c| !c.is_empty())
+    };
+    (o, log, cards)
+}
+
+/// A change made to a copy of the firmware folder.
+type Tamper<'a> = Box<dyn Fn(&Path) + 'a>;
+
+#[test]
+fn tampered_firmware_is_refused_before_any_card_is_touched() {
+    // The control: the untouched copy runs, and its trace shows the APDUs
+    // (so "no APDU in the trace" below means something).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (profile, _) = demo_copy(dir.path());
+    let (o, log, cards) = traced_run(dir.path(), &profile);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(log.contains("apdu >>") && cards, "the control run touched cards and recorded them:\n{log}");
+
+    let cap_name = std::fs::read_to_string(repo().join("firmware/wallet-demo/manifest.yaml"))
+        .expect("manifest")
+        .lines()
+        .find_map(|l| l.strip_prefix("cap: ").map(|c| c.trim().to_string()))
+        .expect("cap: in the manifest");
+    let other_key = k256::ecdsa::SigningKey::from_slice(&[0x33; 32]).expect("key");
+    let cases: [(&str, Tamper, Vec<String>); 3] = [
+        (
+            "one byte of the CAP",
+            Box::new(|fw: &Path| {
+                let cap = fw.join(&cap_name);
+                let mut b = std::fs::read(&cap).expect("cap");
+                let at = b.len() / 2;
+                b[at] ^= 0x01;
+                std::fs::write(&cap, b).expect("cap");
+            }),
+            vec!["cap_sha256 mismatch".into(), cap_name.clone()],
+        ),
+        (
+            "one byte of the manifest",
+            Box::new(|fw: &Path| {
+                let m = fw.join("manifest.yaml");
+                let t = std::fs::read_to_string(&m).expect("manifest").replacen(
+                    "version: \"1.0.0\"",
+                    "version: \"1.0.1\"",
+                    1,
+                );
+                std::fs::write(&m, t).expect("manifest");
+            }),
+            vec!["manifest signature does not verify".into()],
+        ),
+        (
+            "signed by a wrong release key",
+            Box::new(|fw: &Path| {
+                let m = std::fs::read(fw.join("manifest.yaml")).expect("manifest");
+                let sig = station::firmware::sign_manifest(&other_key, &m);
+                std::fs::write(fw.join("manifest.sig"), format!("{sig}\n")).expect("sig");
+            }),
+            vec!["manifest signature does not verify against any pinned release key".into()],
+        ),
+    ];
+    for (what, tamper, want) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (profile, fw) = demo_copy(dir.path());
+        tamper(&fw);
+        let (o, log, cards) = traced_run(dir.path(), &profile);
+        let out = text(&o);
+        assert!(!o.status.success(), "{what}: the station ran:\n{out}");
+        assert!(out.contains(&fw.display().to_string()), "{what}: the firmware folder is named:\n{out}");
+        for w in &want {
+            assert!(out.contains(w.as_str()), "{what}: {w:?} missing:\n{out}");
+        }
+        assert!(!log.contains("apdu"), "{what}: an APDU reached a card:\n{log}");
+        assert!(!out.contains("cards on"), "{what}: a batch started:\n{out}");
+        assert!(!cards, "{what}: the ledger has cards");
+        // `station profile check` and the daemon refuse it the same way.
+        let o = station(&["profile", "check", profile.to_str().expect("utf8")]);
+        assert!(!o.status.success() && text(&o).contains(want[0].as_str()), "{what}: {}", text(&o));
+        let cfg = dir.path().join("station.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "station_id: t1\nlisten: 127.0.0.1:0\nledger: {}\nreaders:\n  sim:\n    readers: 2\nprofiles:\n  demo: {}\n",
+                dir.path().join("daemon.db").display(),
+                profile.display()
+            ),
+        )
+        .expect("config");
+        let o = station(&["daemon", "--config", cfg.to_str().expect("utf8")]);
+        let out = text(&o);
+        assert!(!o.status.success() && out.contains(want[0].as_str()), "{what}: daemon:\n{out}");
+        assert!(!dir.path().join("daemon.db").exists(), "{what}: the daemon opened its ledger");
+    }
 }

@@ -303,3 +303,73 @@ fn the_shipped_systemd_unit_verifies() {
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success() && text.trim().is_empty(), "systemd-analyze verify complains:\n{text}");
 }
+
+#[test]
+fn sighup_with_hostile_files_keeps_the_last_good_configuration() {
+    let d = Daemon::start(0.0);
+    let cfg = d.dir.path().join("station.yaml");
+    let good = std::fs::read_to_string(&cfg).expect("config");
+    let port: u16 = d.addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    // The configuration itself replaced by an alias bomb, then by 100,000
+    // nested brackets; then a profile that is a bomb of aliased strings.
+    let mut bomb = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..=9 {
+        bomb.push_str(&format!("a{i}: &a{i} [{}]\n", vec![format!("*a{}", i - 1); 10].join(", ")));
+    }
+    let deep = format!("station_id: test-st\nprofiles: {}\n", "[".repeat(100_000));
+    let laughs = d.dir.path().join("laughs.yaml");
+    std::fs::write(
+        &laughs,
+        format!("product: &s \"{}\"\nreaders:\n  include: [{}]\n", "x".repeat(200 * 1024), vec!["*s"; 400].join(", ")),
+    )
+    .expect("profile");
+    let with_laughs = config_text(d.dir.path(), port, &[("demo", demo()), ("laughs", laughs)], 0.0);
+    // A profile whose firmware copy has one CAP byte changed.
+    let fw = d.dir.path().join("tampered-fw");
+    std::fs::create_dir_all(&fw).expect("dir");
+    for e in std::fs::read_dir(repo().join("firmware/wallet-demo")).expect("firmware") {
+        let e = e.expect("entry");
+        let mut bytes = std::fs::read(e.path()).expect("read");
+        if e.path().extension().is_some_and(|x| x == "cap") {
+            let at = bytes.len() / 2;
+            bytes[at] ^= 0x01;
+        }
+        std::fs::write(fw.join(e.file_name()), bytes).expect("write");
+    }
+    let tampered = d.dir.path().join("tampered.yaml");
+    std::fs::write(
+        &tampered,
+        std::fs::read_to_string(demo())
+            .expect("demo")
+            .replace("dir: ../firmware/wallet-demo", &format!("dir: {}", fw.display()))
+            .replace("file:../firmware/keys/", &format!("file:{}/", repo().join("firmware/keys").display())),
+    )
+    .expect("profile");
+    let with_tampered = config_text(d.dir.path(), port, &[("demo", demo()), ("tampered", tampered)], 0.0);
+    for (what, text, names) in [
+        ("alias bomb", bomb, "station.yaml:1:1"),
+        ("deep nesting", deep, "station.yaml:2:"),
+        ("aliased strings", with_laughs, "laughs.yaml:"),
+        ("tampered firmware", with_tampered, "cap_sha256 mismatch"),
+    ] {
+        std::fs::write(&cfg, &text).expect("config");
+        let started = Instant::now();
+        d.signal("-HUP");
+        let err = d.wait(&format!("the reload error for the {what}"), Duration::from_secs(10), || {
+            d.status()["config_error"].as_str().map(str::to_string)
+        });
+        println!("{what}: reload refused in {:?}: {err}", started.elapsed());
+        assert!(err.contains(names) && err.contains("last good"), "{what}: {err}");
+        let s = d.status();
+        assert_eq!(s["profiles"], serde_json::json!(["demo"]), "{what}: {s}");
+        // Back to good: the error clears, so the next hostile file shows anew.
+        std::fs::write(&cfg, &good).expect("config");
+        d.signal("-HUP");
+        d.wait("the good reload", Duration::from_secs(10), || d.status()["config_error"].is_null().then_some(()));
+    }
+    // The daemon still works with what it had.
+    let (code, r) = d.act(r#"{"action":"start_batch","profile":"demo","name":"after-hostile","cards":2}"#);
+    assert_eq!(code, 200, "{r}");
+    let b = d.wait_finished("after-hostile", Duration::from_secs(60));
+    assert_eq!(b["passed"], 2, "{b}");
+}

@@ -1,5 +1,5 @@
 //! The terminal dashboard as an operator sees it: the real `station`
-//! binary in a detached tmux session (100x30), read with `capture-pane`,
+//! binary in a detached tmux session (100x30; the line view at 80x24), read with `capture-pane`,
 //! driven with `send-keys`. Needs tmux (scripts/test.sh installs it); each
 //! test uses its own tmux server socket and kills it even when failing.
 
@@ -18,6 +18,10 @@ struct Tmux {
 
 impl Tmux {
     fn start(tag: &str, command: &str) -> Tmux {
+        Self::start_sized(tag, command, 100, 30)
+    }
+
+    fn start_sized(tag: &str, command: &str, width: u16, height: u16) -> Tmux {
         match Command::new("tmux").arg("-V").output() {
             Ok(o) if o.status.success() => {}
             _ => panic!(
@@ -29,8 +33,19 @@ impl Tmux {
         // The pane stays after the command ends, showing its exit code.
         let script = format!("{command}; echo EXIT=$?; sleep 600");
         let o = t.tmux(
-            &["-f", "/dev/null", "new-session", "-d", "-s", "main", "-x", "100", "-y", "30", "-c"],
-            &[repo().to_str().expect("utf8 path"), &script],
+            &[
+                "-f",
+                "/dev/null",
+                "new-session",
+                "-d",
+                "-s",
+                "main",
+                "-x",
+                &width.to_string(),
+                "-y",
+                &height.to_string(),
+            ],
+            &["-c", repo().to_str().expect("utf8 path"), &script],
         );
         assert!(o.status.success(), "tmux new-session: {}", String::from_utf8_lossy(&o.stderr));
         t
@@ -233,6 +248,92 @@ fn station_dash_connect_watches_a_daemon_between_and_during_batches() {
     let ok = Command::new("kill").args(["-TERM", &daemon.0.id().to_string()]).status().expect("kill");
     assert!(ok.success());
     t.wait("connection lost after SIGTERM", 30, |s| s.contains("CONNECTION LOST"));
+    t.keys("q");
+    let s = t.wait("the dashboard to detach", 10, |s| s.contains("EXIT="));
+    assert!(s.contains("EXIT=0"), "{s}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// `station run --listen` on emulated readers, headless, as station `id`.
+fn listening_station(dir: &Path, id: &str, port: u16, seed: &str) -> Station {
+    Station(
+        Command::new(env!("CARGO_BIN_EXE_station"))
+            .args(["run", "--profile", "profiles/demo.yaml", "--sim", "4", "--cards", "400", "--card-speed", "0.3"])
+            .args(["--seed", seed, "--station-id", id, "--headless"])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--ledger")
+            .arg(dir.join(format!("{id}.db")))
+            .arg("--report-dir")
+            .arg(dir.join(format!("{id}-report")))
+            .current_dir(repo())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("station runs"),
+    )
+}
+
+/// The PASS figure of station `row` ("1 line-a") in the line summary.
+fn passed_in_summary(screen: &str, row: &str) -> Option<u64> {
+    screen.lines().filter(|l| l.contains(row)).find_map(|line| {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let mode = words.iter().position(|w| ["RUNNING", "DRAINING", "STOPPING", "IDLE"].contains(w))?;
+        words.get(mode + 1)?.parse().ok()
+    })
+}
+
+#[test]
+fn station_dash_watches_a_line_of_stations_with_one_unreachable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pa, pb, nobody) = (free_port(), free_port(), free_port());
+    let _a = listening_station(dir.path(), "line-a", pa, "11");
+    let mut b = listening_station(dir.path(), "line-b", pb, "12");
+    // Three stations at 80x24: two real ones (one given as a URL) and an
+    // address where nothing listens.
+    let cmd = format!(
+        "{} dash --connect 127.0.0.1:{pa} --connect http://127.0.0.1:{pb}/ --connect 127.0.0.1:{nobody}",
+        quote(Path::new(env!("CARGO_BIN_EXE_station")))
+    );
+    let t = Tmux::start_sized("line", &cmd, 80, 24);
+    let s = t.wait("the line summary with both stations passing cards", 60, |s| {
+        s.contains("0 LINE")
+            && s.contains("UNREACHABLE")
+            && s.contains("2/3 up")
+            && passed_in_summary(s, "1 line-a").is_some_and(|n| n > 0)
+            && passed_in_summary(s, "2 line-b").is_some_and(|n| n > 0)
+    });
+    assert!(s.contains("LINE") && s.contains("Failures across the line") && s.contains("BUSY/IDLE"), "{s}");
+    assert!(s.contains(&format!("127.0.0.1:{nobody}")), "the unreachable station by its address:\n{s}");
+
+    // Tabs: 1 is line-a's own dashboard, Tab the next station, 0 the summary.
+    t.keys("1");
+    t.wait("line-a's tab", 15, |s| s.contains("station line-a") && s.contains("Lanes") && s.contains("emu-00"));
+    t.keys("Tab");
+    t.wait("line-b's tab", 15, |s| s.contains("station line-b") && s.contains("emu-00"));
+    // A station tab's keys go to that station: pause its first reader.
+    t.keys("p");
+    t.wait("line-b's pause reply", 10, |s| s.contains("emu-00 paused"));
+    t.keys("Tab");
+    t.wait("the unreachable station's tab", 15, |s| s.contains("CONNECTION LOST") && s.contains("connecting…"));
+    t.keys("0");
+    t.wait("the summary again", 15, |s| s.contains("Failures across the line"));
+
+    // line-b goes away: the summary says so and line-a keeps counting.
+    let _ = b.0.kill();
+    let _ = b.0.wait();
+    let s = t.wait("line-b lost", 20, |s| {
+        s.lines().any(|l| l.contains("2 line-b") && l.contains("LOST")) && s.contains("1/3 up")
+    });
+    let before = passed_in_summary(&s, "1 line-a").expect("line-a's figure");
+    t.wait("line-a still updating", 60, |s| passed_in_summary(s, "1 line-a").is_some_and(|n| n > before));
+    // The help lists the tab keys.
+    t.keys("?");
+    t.wait("the help", 10, |s| s.contains("Tab ⇧Tab") && s.contains("Enter"));
+    t.keys("Escape");
     t.keys("q");
     let s = t.wait("the dashboard to detach", 10, |s| s.contains("EXIT="));
     assert!(s.contains("EXIT=0"), "{s}");

@@ -383,6 +383,25 @@ fn the_grafana_dashboard_queries_only_what_the_station_exports() {
             );
         }
     }
+    // The line view (issue #9): a multi-select station variable with All,
+    // and throughput, yield and failures both per station and for the
+    // whole line (summed over the selected stations).
+    let station_var = d["templating"]["list"]
+        .as_array()
+        .and_then(|l| l.iter().find(|v| v["name"] == "station"))
+        .expect("a station variable");
+    assert!(station_var["multi"] == true && station_var["includeAll"] == true, "{station_var}");
+    for (what, needle) in
+        [("throughput", "tapline_cards_total{"), ("yield", "outcome=\"passed\""), ("failures", "outcome=\"failed\"")]
+    {
+        let per_station = queries.iter().any(|q| {
+            let by = grouping_labels(q);
+            q.contains(needle) && !by.is_empty() && by.iter().all(|l| l == "station")
+        });
+        let whole_line = queries.iter().any(|q| q.contains(needle) && q.starts_with("sum(") && !q.contains("by ("));
+        assert!(per_station && whole_line, "{what}: a per-station and a whole-line panel");
+    }
+
     // The panels the issue asks for.
     for name in [
         "tapline_cards_total",
@@ -418,4 +437,13 @@ fn the_prometheus_scrape_config_is_valid() {
     assert!(ok, "promtool check config: {said}");
     let text = std::fs::read_to_string(path).expect("config");
     assert!(text.contains("job_name: tapline") && text.contains(":9464"), "{text}");
+    // A line: several stations scraped, none given a `station` target label
+    // (the stations label their own series).
+    let targets = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- targets:"))
+        .map(|l| l.matches(":94").count())
+        .sum::<usize>();
+    assert!(targets >= 3, "a line of stations is scraped: {text}");
+    assert!(!text.lines().any(|l| l.trim_start().starts_with("station:")), "{text}");
 }

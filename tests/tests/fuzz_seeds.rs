@@ -1,5 +1,6 @@
 //! Writes the seed corpora of the fuzz targets that take card-side
-//! encodings (fuzz/corpus/{tlv,cert,attestation,bundle,apdu_response}),
+//! encodings (fuzz/corpus/{tlv,cert,attestation,bundle,apdu_response}) and
+//! the serial fixture protocol's frames (fuzz/corpus/fixture),
 //! made with the project's own encoders and demo keys. The test checks the committed seeds are current; rewrite them with
 //! `TAPLINE_WRITE_FUZZ_SEEDS=1 cargo test -p tapline-tests --test fuzz_seeds`.
 
@@ -12,6 +13,8 @@ use card::wallet::bundle::{self, ImportConfirmation, LinkAttestation, TransferRo
 use card::wallet::cert::Certificate;
 use card::wallet::{Attestation, WalletKeyProof, public_key_bytes, sign_digest, wallet_key_digest};
 use k256::ecdsa::SigningKey;
+use station::fixture::{Command, Frame, PROTOCOL, PowerAction, Reply, codes};
+use station::handler::Bin;
 
 fn key(seed: u8) -> SigningKey {
     SigningKey::from_slice(&[seed; 32]).expect("valid scalar")
@@ -110,4 +113,34 @@ fn fuzz_seeds_match_the_encoders() {
     write("apdu_response", "export", &script(13, &[&ok(&blob.encode())]));
     write("apdu_response", "read-cplc", &script(20, &[&ok(&cplc)]));
     write("apdu_response", "read-identity", &script(21, &[&ok(&cert_bytes)]));
+
+    // TAPLINE-FIXTURE/1: a station's session as the fixture receives it
+    // (with a retransmission), and a fixture's answers as the station
+    // receives them (with line noise and a sequence-0 complaint).
+    let session: String = [
+        (1, Command::Hello),
+        (2, Command::Feed(0)),
+        (3, Command::Eject(0, Bin::Pass)),
+        (3, Command::Eject(0, Bin::Pass)),
+        (4, Command::Status),
+        (5, Command::Power(1, PowerAction::Cycle(500))),
+        (6, Command::Eject(3, Bin::Fail)),
+        (7, Command::Power(2, PowerAction::Off)),
+    ]
+    .iter()
+    .map(|(seq, c)| Frame::new(*seq, c.to_string()).encode())
+    .collect();
+    write("fixture", "station-session", session.as_bytes());
+    let answers: String = [
+        Frame::new(1, format!("{}", Reply::Ok(format!("{PROTOCOL} readers=4 power=yes name=seed")))),
+        Frame::new(2, Reply::Ok(String::new()).to_string()),
+        Frame::new(0, Reply::err(codes::FRAME, "checksum mismatch").to_string()),
+        Frame::new(3, Reply::err(codes::EMPTY, "hopper empty").to_string()),
+        Frame::new(4, Reply::Ok("readers=4 hopper=7".into()).to_string()),
+    ]
+    .iter()
+    .map(Frame::encode)
+    .collect::<Vec<_>>()
+    .join("\x00#noise\n");
+    write("fixture", "fixture-answers", answers.as_bytes());
 }

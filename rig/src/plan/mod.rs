@@ -417,9 +417,9 @@ pub struct Plan {
 
 impl Plan {
     pub fn load(path: &Path) -> Result<Self, PlanError> {
-        let text = std::fs::read_to_string(path).map_err(|e| PlanError {
+        let text = station::yaml::read(path).map_err(|message| PlanError {
             file: path.to_path_buf(),
-            problems: vec![Problem { line: 0, column: 0, field: "(file)".into(), message: e.to_string() }],
+            problems: vec![Problem { line: 0, column: 0, field: "(file)".into(), message }],
         })?;
         Self::parse(&text, path)
     }
@@ -427,17 +427,9 @@ impl Plan {
     /// Parses and validates plan text; `path` names it in errors and
     /// anchors the profile's path.
     pub fn parse(text: &str, path: &Path) -> Result<Self, PlanError> {
-        let raw: RawPlan = serde_saphyr::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            PlanError {
-                file: path.to_path_buf(),
-                problems: vec![Problem {
-                    line,
-                    column,
-                    field: key_at(text, line),
-                    message: station::profile::first_line(&e),
-                }],
-            }
+        let raw: RawPlan = station::yaml::from_str(text).map_err(|e| {
+            let (line, column, field, message) = station::yaml::place(text, &e);
+            PlanError { file: path.to_path_buf(), problems: vec![Problem { line, column, field, message }] }
         })?;
         let mut v = Validator { problems: Vec::new() };
         let plan = v.plan(raw, path);
@@ -445,19 +437,6 @@ impl Plan {
             Some(p) if v.problems.is_empty() => Ok(p),
             _ => Err(PlanError { file: path.to_path_buf(), problems: v.problems }),
         }
-    }
-}
-
-/// The key written on a line of the file (the field a parser error is
-/// about), or `(yaml)` when the line holds none.
-fn key_at(text: &str, line: u64) -> String {
-    let Some(l) = (line as usize).checked_sub(1).and_then(|i| text.lines().nth(i)) else {
-        return "(yaml)".into();
-    };
-    let l = l.trim_start().trim_start_matches("- ");
-    match l.split_once(':') {
-        Some((k, _)) if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => k.to_string(),
-        _ => "(yaml)".into(),
     }
 }
 

@@ -131,9 +131,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
 
 impl DaemonConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let text = crate::yaml::read(path).map_err(|message| ConfigError {
             file: path.to_path_buf(),
-            problems: vec![Problem { line: 0, column: 0, field: "(file)".into(), message: e.to_string() }],
+            problems: vec![Problem { line: 0, column: 0, field: "(file)".into(), message }],
         })?;
         Self::parse(&text, path)
     }
@@ -141,17 +141,9 @@ impl DaemonConfig {
     /// Parses and validates configuration text; `path` names it in errors
     /// and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            ConfigError {
-                file: path.to_path_buf(),
-                problems: vec![Problem {
-                    line,
-                    column,
-                    field: "(yaml)".into(),
-                    message: crate::profile::first_line(&e),
-                }],
-            }
+        let raw: RawConfig = crate::yaml::from_str(text).map_err(|e| {
+            let (line, column, field, message) = crate::yaml::place(text, &e);
+            ConfigError { file: path.to_path_buf(), problems: vec![Problem { line, column, field, message }] }
         })?;
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut problems = Vec::new();

@@ -10,15 +10,19 @@
 //! ? shows the help. q on `station run` asks to drain the batch; the
 //! dashboard then closes when the cards in flight are done (quitting the
 //! screen while the batch runs would leave the line without a view). On
-//! `station dash --connect`, q detaches and the station runs on.
+//! `station dash --connect`, q detaches and the station runs on. With
+//! several `--connect`s the screen is the line view (`line`): a summary tab
+//! and one tab per station; Tab / Shift-Tab (or → / ←) and 0..9 switch tabs.
 
+pub mod line;
 mod remote;
 mod render;
 mod term;
 
+pub use line::{LineUi, StationFeed, Tab, handle_line_key};
 pub use remote::{HttpController, Poller, RemoteFeed};
-pub use render::render;
-pub use term::{run_local, run_remote};
+pub use render::{render, render_line};
+pub use term::{run_line, run_local, run_remote};
 
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
@@ -80,6 +84,9 @@ pub struct UiState {
     pub quit_when_ended: bool,
     /// Leave the screen now.
     pub quit: bool,
+    /// This screen is one tab of the line view (`line::LineUi`): the footer
+    /// and the help show the tab keys too.
+    pub line: bool,
 }
 
 impl UiState {
@@ -94,6 +101,7 @@ impl UiState {
             ended: None,
             quit_when_ended: false,
             quit: false,
+            line: false,
         }
     }
 

@@ -14,6 +14,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Clear, Paragraph};
 
+use super::line::{LineTotals, LineUi, StationFeed, Tab, line_events};
 use super::{Link, UiState};
 use crate::state::{BatchView, LaneShow, LaneView, Level, Mode, Snapshot};
 
@@ -28,7 +29,12 @@ const TILE_W: u16 = 34;
 const BOTTOM_MIN: u16 = 10;
 
 pub fn render(frame: &mut Frame, snap: &Snapshot, ui: &UiState) {
-    let area = frame.area();
+    render_in(frame, frame.area(), snap, ui);
+}
+
+/// One station's dashboard in `area` (the whole screen, or below the line
+/// view's tab bar).
+fn render_in(frame: &mut Frame, area: Rect, snap: &Snapshot, ui: &UiState) {
     let banners = banners(snap, ui);
     let [header, banner, body, footer] = Layout::vertical([
         Constraint::Length(1),
@@ -563,7 +569,11 @@ fn footer_line(snap: &Snapshot, ui: &UiState) -> Line<'static> {
         _ => "pause",
     };
     let quit = if matches!(ui.link, Link::Remote { .. }) { "detach" } else { "quit" };
-    for (k, what) in [("↑↓", "lane"), ("p", pause), ("d", "drain"), ("s", "stop"), ("?", "help"), ("q", quit)] {
+    let mut keys = vec![("↑↓", "lane"), ("p", pause), ("d", "drain"), ("s", "stop"), ("?", "help"), ("q", quit)];
+    if ui.line {
+        keys.insert(0, ("Tab", "tabs"));
+    }
+    for (k, what) in keys {
         spans.push(Span::styled(format!(" {k} "), key));
         spans.push(Span::raw(format!(" {what} ")));
     }
@@ -575,7 +585,7 @@ fn render_help(frame: &mut Frame, area: Rect, ui: &UiState) {
         Link::Local => "drain the batch, then close (asks y/n)",
         Link::Remote { .. } => "detach (the station runs on)",
     };
-    let rows: [(&str, &str); 10] = [
+    let mut rows: Vec<(&str, &str)> = vec![
         ("↑ ↓  k j", "select a lane (Home/End: first, last)"),
         ("p", "pause / resume the selected reader"),
         ("P", "pause / resume every reader"),
@@ -587,6 +597,9 @@ fn render_help(frame: &mut Frame, area: Rect, ui: &UiState) {
         ("?", "this help (any key closes it)"),
         ("q", quit),
     ];
+    if ui.line {
+        rows.splice(0..0, LINE_TAB_KEYS);
+    }
     let mut lines = vec![Line::raw("")];
     for (k, what) in rows {
         lines.push(Line::from(vec![
@@ -597,6 +610,11 @@ fn render_help(frame: &mut Frame, area: Rect, ui: &UiState) {
     lines.push(Line::raw(""));
     lines.push(Line::styled("  States: INSERT CARD, WORKING, WAITING FOR PAIRING,", Style::new().fg(Color::DarkGray)));
     lines.push(Line::styled("  PASS, FAIL, REMOVE CARD, PAUSED, READER ERROR", Style::new().fg(Color::DarkGray)));
+    popup(frame, area, lines);
+}
+
+/// A bordered box of `lines` in the middle of `area`, over what is there.
+fn popup(frame: &mut Frame, area: Rect, lines: Vec<Line<'_>>) {
     let w = 60.min(area.width);
     let h = (lines.len() as u16 + 2).min(area.height);
     let popup = Rect { x: area.x + (area.width - w) / 2, y: area.y + (area.height - h) / 2, width: w, height: h };
@@ -606,4 +624,338 @@ fn render_help(frame: &mut Frame, area: Rect, ui: &UiState) {
             .block(Block::bordered().title(" Keys ").border_style(Style::new().fg(Color::Yellow)).style(Style::new())),
         popup,
     );
+}
+
+// ---- the line view: several stations ----------------------------------------
+
+/// The tab keys, in the help of every tab of the line view.
+const LINE_TAB_KEYS: [(&str, &str); 2] =
+    [("Tab ⇧Tab", "next / previous tab (also → ←)"), ("0  1-9", "the line summary / station 1 to 9")];
+
+/// The line view (`station dash` with several `--connect`s): a tab bar, then
+/// the line summary or one station's dashboard.
+pub fn render_line(frame: &mut Frame, feeds: &[StationFeed], ui: &LineUi) {
+    let area = frame.area();
+    let [tabs, body] = Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).areas(area);
+    frame.render_widget(Paragraph::new(tab_bar(feeds, ui)).style(Style::new().bg(Color::DarkGray)), tabs);
+    match ui.tab {
+        Tab::Station(i) if i < feeds.len() && i < ui.stations.len() => {
+            render_in(frame, body, &feeds[i].snapshot, &ui.stations[i])
+        }
+        _ => render_summary(frame, body, feeds, ui),
+    }
+}
+
+fn tab_bar(feeds: &[StationFeed], ui: &LineUi) -> Line<'static> {
+    let plain = Style::new().fg(Color::White).bg(Color::DarkGray);
+    let current = Style::new().fg(Color::Black).bg(Color::White).add_modifier(Modifier::BOLD);
+    let mut spans =
+        vec![Span::styled(" TAPLINE ", Style::new().fg(Color::Black).bg(Color::Cyan).add_modifier(Modifier::BOLD))];
+    spans.push(Span::styled(" 0 LINE ", if ui.tab == Tab::Line { current } else { plain }));
+    for (i, f) in feeds.iter().enumerate() {
+        let lost = f.lost.is_some();
+        let label = format!(" {} {}{} ", i + 1, f.name(), if lost { " ✗" } else { "" });
+        let style = match (ui.tab == Tab::Station(i), lost) {
+            (true, _) => current,
+            (false, true) => Style::new().fg(Color::White).bg(Color::Red).add_modifier(Modifier::BOLD),
+            (false, false) => plain,
+        };
+        spans.push(Span::raw(" "));
+        spans.push(Span::styled(label, style));
+    }
+    Line::from(spans)
+}
+
+/// How a station's connection reads in the summary.
+fn link_text(f: &StationFeed) -> (String, Style) {
+    match &f.lost {
+        None if f.seen() => ("ok".into(), Style::new().fg(Color::Green)),
+        None => ("connecting".into(), Style::new().fg(Color::Yellow)),
+        Some(l) if l.error == "connecting" => ("connecting".into(), Style::new().fg(Color::Yellow)),
+        Some(l) => {
+            let text = match l.stale_s {
+                Some(s) => format!("LOST {}", secs(s as f64)),
+                None => "UNREACHABLE".into(),
+            };
+            (text, Style::new().fg(Color::White).bg(Color::Red).add_modifier(Modifier::BOLD))
+        }
+    }
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{:.1}%", v * 100.0))
+}
+
+/// Column widths of the summary table that change with the screen: the
+/// station, the link state, first-pass yield and batch name (0: not shown).
+struct SummaryCols {
+    station: usize,
+    link: usize,
+    first: usize,
+    batch: usize,
+}
+
+fn summary_cols(w: usize) -> SummaryCols {
+    if w >= 120 {
+        SummaryCols { station: 16, link: 12, first: 6, batch: 20 }
+    } else if w >= 96 {
+        SummaryCols { station: 14, link: 11, first: 6, batch: 0 }
+    } else {
+        SummaryCols { station: 12, link: 11, first: 0, batch: 0 }
+    }
+}
+
+type Cell = (String, Style);
+
+/// One row of the summary table, cell by cell.
+struct SummaryRow {
+    station: Cell,
+    link: Cell,
+    mode: Cell,
+    passed: Cell,
+    failed: Cell,
+    yield_: Cell,
+    first: Cell,
+    cards_per_hour: Cell,
+    readers: Cell,
+    batch: Cell,
+}
+
+fn summary_line(c: &SummaryCols, mark: &str, r: SummaryRow) -> Line<'static> {
+    let left = |(t, s): Cell, w: usize| Span::styled(fit(&t, w), s);
+    let right = |(t, s): Cell, w: usize| Span::styled(format!("{:>w$}", t.chars().take(w).collect::<String>()), s);
+    let gap = || Span::raw(" ");
+    let mut spans = vec![
+        Span::styled(format!("{mark:<2}"), Style::new().fg(Color::Yellow)),
+        left(r.station, c.station),
+        gap(),
+        left(r.link, c.link),
+        gap(),
+        left(r.mode, 8),
+        gap(),
+        right(r.passed, 6),
+        gap(),
+        right(r.failed, 6),
+        gap(),
+        right(r.yield_, 6),
+        gap(),
+    ];
+    if c.first > 0 {
+        spans.extend([right(r.first, c.first), gap()]);
+    }
+    spans.extend([right(r.cards_per_hour, 7), gap(), left(r.readers, 9)]);
+    if c.batch > 0 {
+        spans.extend([gap(), left(r.batch, c.batch)]);
+    }
+    Line::from(spans)
+}
+
+fn readers_text(busy: usize, idle: usize, error: usize) -> String {
+    if error > 0 { format!("{busy}/{idle} !{error}") } else { format!("{busy}/{idle}") }
+}
+
+fn render_summary(frame: &mut Frame, area: Rect, feeds: &[StationFeed], ui: &LineUi) {
+    let totals = LineTotals::new(feeds);
+    let n = feeds.len() as u16;
+    let [table, bottom, footer] =
+        Layout::vertical([Constraint::Length(n + 5), Constraint::Min(0), Constraint::Length(1)]).areas(area);
+    let block = Block::bordered()
+        .title(Line::from(vec![
+            Span::styled(" Line ", Style::new().add_modifier(Modifier::BOLD)),
+            Span::raw(format!("{} stations, {} answering ", totals.stations, totals.reachable)),
+        ]))
+        .border_style(Style::new().fg(Color::DarkGray));
+    let inner = block.inner(table);
+    frame.render_widget(block, table);
+    let c = summary_cols(inner.width as usize);
+    let head = Style::new().fg(Color::DarkGray).add_modifier(Modifier::BOLD);
+    let h = |t: &str| (t.to_string(), head);
+    let mut lines = vec![summary_line(
+        &c,
+        "",
+        SummaryRow {
+            station: h("STATION"),
+            link: h("LINK"),
+            mode: h("MODE"),
+            passed: h("PASS"),
+            failed: h("FAIL"),
+            yield_: h("YIELD"),
+            first: h("1ST"),
+            cards_per_hour: h("CARDS/H"),
+            readers: h("BUSY/IDLE"),
+            batch: h("BATCH"),
+        },
+    )];
+    for (i, f) in feeds.iter().enumerate() {
+        let selected = i == ui.selected;
+        let bold = Style::new().add_modifier(Modifier::BOLD);
+        let name_style = if selected { bold.add_modifier(Modifier::REVERSED) } else { bold };
+        let s = &f.snapshot;
+        let up = f.lost.is_none();
+        // A station that does not answer keeps its last figures, dimmed.
+        let fig = if up { Style::new() } else { Style::new().fg(Color::DarkGray) };
+        let mode = match (f.seen(), up) {
+            (true, true) => (s.mode.label().to_uppercase(), mode_style(s.mode)),
+            (true, false) => (s.mode.label().to_uppercase(), fig),
+            (false, _) => ("-".into(), fig),
+        };
+        let r = f.readers();
+        let readers =
+            (readers_text(r.busy, r.idle, r.error), if r.error > 0 { Style::new().fg(Color::Red) } else { fig });
+        let row = match &s.batch {
+            Some(b) => {
+                let done = b.passed + b.failed;
+                let cph = if up && !b.finished { format!("{:.0}", b.cards_per_hour_minute) } else { "-".to_string() };
+                SummaryRow {
+                    station: (format!("{} {}", i + 1, f.name()), name_style),
+                    link: link_text(f),
+                    mode,
+                    passed: (b.passed.to_string(), if up { Style::new().fg(Color::Green) } else { fig }),
+                    failed: (b.failed.to_string(), if up && b.failed > 0 { Style::new().fg(Color::Red) } else { fig }),
+                    yield_: (pct((done > 0).then(|| b.passed as f64 / done as f64)), fig),
+                    first: (pct((done > 0).then_some(b.first_pass_yield)), fig),
+                    cards_per_hour: (cph, fig),
+                    readers,
+                    batch: (if b.finished { format!("{} (done)", b.name) } else { b.name.clone() }, fig),
+                }
+            }
+            None => SummaryRow {
+                station: (format!("{} {}", i + 1, f.name()), name_style),
+                link: link_text(f),
+                mode,
+                passed: ("-".into(), fig),
+                failed: ("-".into(), fig),
+                yield_: ("-".into(), fig),
+                first: ("-".into(), fig),
+                cards_per_hour: ("-".into(), fig),
+                readers,
+                batch: ("no batch".into(), fig),
+            },
+        };
+        lines.push(summary_line(&c, if selected { "▶" } else { "" }, row));
+    }
+    lines.push(Line::styled("─".repeat(inner.width as usize), Style::new().fg(Color::DarkGray)));
+    let bold = Style::new().add_modifier(Modifier::BOLD);
+    let t = &totals;
+    let all_up = t.reachable == t.stations;
+    lines.push(summary_line(
+        &c,
+        "",
+        SummaryRow {
+            station: ("LINE".into(), bold),
+            link: (format!("{}/{} up", t.reachable, t.stations), if all_up { bold } else { bold.fg(Color::Red) }),
+            mode: (String::new(), bold),
+            passed: (t.passed.to_string(), bold.fg(Color::Green)),
+            failed: (t.failed.to_string(), if t.failed > 0 { bold.fg(Color::Red) } else { bold }),
+            yield_: (pct(t.yield_), bold),
+            first: (pct(t.first_pass_yield), bold),
+            cards_per_hour: (format!("{:.0}", t.cards_per_hour), bold),
+            readers: (readers_text(t.readers.busy, t.readers.idle, t.readers.error), bold),
+            batch: (String::new(), bold),
+        },
+    ));
+    frame.render_widget(Paragraph::new(lines), inner);
+
+    if bottom.height >= 3 {
+        let (f_area, e_area) = if bottom.width >= 120 {
+            let [f, e] = Layout::horizontal([Constraint::Percentage(45), Constraint::Min(0)]).areas(bottom);
+            (f, e)
+        } else {
+            let fail_h = (totals.failures.len().clamp(1, 4) as u16 + 2).min(bottom.height / 2);
+            let [f, e] = Layout::vertical([Constraint::Length(fail_h), Constraint::Min(0)]).areas(bottom);
+            (f, e)
+        };
+        render_line_failures(frame, f_area, &totals);
+        render_line_events(frame, e_area, feeds);
+    }
+    frame.render_widget(Paragraph::new(line_footer()), footer);
+    if ui.help {
+        render_line_help(frame, area);
+    }
+}
+
+fn render_line_failures(frame: &mut Frame, area: Rect, totals: &LineTotals) {
+    let block = panel("Failures across the line");
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    if totals.failures.is_empty() {
+        frame.render_widget(Paragraph::new(Line::styled("none", Style::new().fg(Color::DarkGray))), inner);
+        return;
+    }
+    let lines: Vec<Line> = totals
+        .failures
+        .iter()
+        .take(inner.height as usize)
+        .map(|(step, reason, count)| {
+            Line::from(vec![
+                Span::styled(format!("{count:>4} "), Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
+                Span::styled(format!("{step:<12} "), Style::new().fg(Color::Cyan)),
+                Span::raw(reason.clone()),
+            ])
+        })
+        .collect();
+    frame.render_widget(Paragraph::new(lines), inner);
+}
+
+fn render_line_events(frame: &mut Frame, area: Rect, feeds: &[StationFeed]) {
+    let block = panel("Events of every station (UTC)");
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    let events = line_events(feeds);
+    let start = events.len().saturating_sub(inner.height as usize);
+    let lines: Vec<Line> = events[start..]
+        .iter()
+        .map(|(station, e)| {
+            let style = match e.level {
+                Level::Info => Style::new(),
+                Level::Warn => Style::new().fg(Color::Yellow),
+                Level::Error => Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+            };
+            let mut spans = vec![
+                Span::styled(format!("{} ", clock(e.at_ms)), Style::new().fg(Color::DarkGray)),
+                Span::styled(format!("{station} "), Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD)),
+            ];
+            if let Some(r) = &e.reader {
+                spans.push(Span::styled(format!("{r} "), Style::new().add_modifier(Modifier::BOLD)));
+            }
+            spans.push(Span::styled(e.text.clone(), style));
+            Line::from(spans)
+        })
+        .collect();
+    frame.render_widget(Paragraph::new(lines), inner);
+}
+
+fn line_footer() -> Line<'static> {
+    let key = Style::new().fg(Color::Black).bg(Color::Gray);
+    let mut spans = Vec::new();
+    for (k, what) in
+        [("Tab", "tabs"), ("1-9", "station"), ("↑↓", "select"), ("Enter", "open"), ("?", "help"), ("q", "detach")]
+    {
+        spans.push(Span::styled(format!(" {k} "), key));
+        spans.push(Span::raw(format!(" {what} ")));
+    }
+    Line::from(spans)
+}
+
+fn render_line_help(frame: &mut Frame, area: Rect) {
+    let mut rows: Vec<(&str, &str)> = LINE_TAB_KEYS.to_vec();
+    rows.extend([
+        ("↑ ↓  k j", "select a station"),
+        ("Enter", "open the selected station's tab"),
+        ("?", "this help (any key closes it)"),
+        ("q", "detach (the stations run on)"),
+    ]);
+    let mut lines = vec![Line::raw("")];
+    for (k, what) in rows {
+        lines.push(Line::from(vec![
+            Span::styled(format!("  {k:<10}"), Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD)),
+            Span::raw(what),
+        ]));
+    }
+    lines.push(Line::raw(""));
+    let note = Style::new().fg(Color::DarkGray);
+    lines.push(Line::styled("  A station's tab has its own keys (p, P, d, s, ?).", note));
+    lines.push(Line::styled("  YIELD: passed of done; 1ST: passed at the first try;", note));
+    lines.push(Line::styled("  CARDS/H: last minute; BUSY/IDLE: readers (! error).", note));
+    popup(frame, area, lines);
 }

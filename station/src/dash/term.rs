@@ -1,8 +1,10 @@
 //! The dashboard's terminal: raw mode and the alternate screen (restored on
 //! exit and when the dashboard's own thread panics), the redraw loop at
 //! about 4 Hz and on every key or resize, and the two ways in: `run_local`
-//! (`station run`: the batch on a worker thread, the screen on this one)
-//! and `run_remote` (`station dash --connect`).
+//! (`station run`: the batch on a worker thread, the screen on this one),
+//! `run_remote` (`station dash --connect`) and `run_line` (several
+//! `--connect`s: one poller and one controller per station, so a station
+//! that does not answer holds up none of the others).
 
 use std::io::{self, Stdout};
 use std::sync::{Arc, Mutex, Once, PoisonError};
@@ -16,8 +18,9 @@ use ratatui::crossterm::terminal::{EnterAlternateScreen, LeaveAlternateScreen, d
 use ratatui::crossterm::{cursor, execute};
 use zeroize::Zeroizing;
 
+use super::line::{LineUi, StationFeed, handle_line_key};
 use super::remote::{HttpController, Poller};
-use super::{Link, UiState, handle_key, render};
+use super::{Link, UiState, handle_key, render, render_line};
 use crate::control::Controller;
 use crate::live::Live;
 use crate::state::Snapshot;
@@ -166,4 +169,41 @@ pub fn run_remote(addr: &str, token: Option<Zeroizing<String>>) -> io::Result<()
         ui.link = Link::Remote { addr: addr.to_string(), lost: feed.lost(Instant::now()) };
         feed.snapshot
     })
+}
+
+/// `station dash --connect A --connect B ...`: the line view until q.
+pub fn run_line(addrs: &[String], token: Option<Zeroizing<String>>) -> io::Result<()> {
+    let token = token.map(Arc::new);
+    let pollers: Vec<Poller> = addrs.iter().map(|a| Poller::start(a, token.clone())).collect();
+    let controllers: Vec<HttpController> = addrs.iter().map(|a| HttpController::new(a, token.clone())).collect();
+    let mut screen = Screen::enter()?;
+    let mut ui = LineUi::new(addrs);
+    loop {
+        let now = Instant::now();
+        let feeds: Vec<StationFeed> = addrs
+            .iter()
+            .zip(&pollers)
+            .map(|(addr, p)| {
+                let feed = p.feed();
+                StationFeed { addr: addr.clone(), lost: feed.lost(now), snapshot: feed.snapshot }
+            })
+            .collect();
+        ui.update(&feeds);
+        if ui.quit {
+            return Ok(());
+        }
+        screen.terminal.draw(|f| render_line(f, &feeds, &ui))?;
+        if event::poll(FRAME)? {
+            match event::read()? {
+                Event::Key(key) => {
+                    if let Some((i, action)) = handle_line_key(key, &mut ui, &feeds) {
+                        let reply = controllers[i].act(action);
+                        ui.stations[i].acted(reply);
+                    }
+                }
+                Event::Resize(..) => screen.terminal.autoresize()?,
+                _ => {}
+            }
+        }
+    }
 }

@@ -311,3 +311,202 @@ fn the_event_log_scrolls_back_and_forth() {
     handle_key(KeyEvent::new(KeyCode::PageDown, KeyModifiers::NONE), &mut ui, &s);
     assert_eq!(ui.events_back, 0);
 }
+
+// ---- the line view ---------------------------------------------------------
+
+use super::line::{LineTotals, LineUi, StationFeed, Tab, handle_line_key};
+
+/// Three stations: two answering (one of them idle after its batch), one
+/// that stopped answering 12 s ago.
+fn line_feeds() -> Vec<StationFeed> {
+    let a = running();
+    let mut b = running();
+    b.station = "line-3".into();
+    b.mode = Mode::Idle;
+    b.batch = Some(BatchView {
+        name: "b-0501-0700".into(),
+        passed: 30,
+        failed: 2,
+        first_pass_yield: 0.875,
+        cards_per_hour_minute: 0.0,
+        finished: true,
+        eta_s: None,
+        ..batch()
+    });
+    b.lanes = (0..4).map(|i| lane(i, LaneShow::Idle)).collect();
+    b.failures = vec![FailureCount { step: "attestation".into(), reason: "counterfeit".into(), count: 2 }];
+    b.events = vec![EventLine {
+        at_ms: T0 + 100_000,
+        level: Level::Info,
+        reader: None,
+        text: "batch b-0501-0700 finished: 30 passed, 2 failed".into(),
+    }];
+    let mut c = running();
+    c.station = "line-4".into();
+    c.lanes[3] = LaneView { error: Some("reader removed".into()), ..lane(3, LaneShow::ReaderError) };
+    vec![
+        StationFeed { addr: "10.0.0.2:9464".into(), snapshot: std::sync::Arc::new(a), lost: None },
+        StationFeed { addr: "10.0.0.3:9464".into(), snapshot: std::sync::Arc::new(b), lost: None },
+        StationFeed {
+            addr: "10.0.0.4:9464".into(),
+            snapshot: std::sync::Arc::new(c),
+            lost: Some(Lost { error: "connection refused".into(), stale_s: Some(12) }),
+        },
+    ]
+}
+
+fn never_reached() -> StationFeed {
+    StationFeed {
+        addr: "10.0.0.9:9464".into(),
+        snapshot: std::sync::Arc::new(super::remote::placeholder("10.0.0.9:9464")),
+        lost: Some(Lost { error: "connection refused".into(), stale_s: None }),
+    }
+}
+
+fn line_ui(feeds: &[StationFeed]) -> LineUi {
+    let addrs: Vec<String> = feeds.iter().map(|f| f.addr.clone()).collect();
+    let mut ui = LineUi::new(&addrs);
+    ui.update(feeds);
+    ui
+}
+
+fn line_screen(feeds: &[StationFeed], ui: &LineUi, w: u16, h: u16) -> String {
+    let mut t = Terminal::new(TestBackend::new(w, h)).expect("terminal");
+    t.draw(|f| render_line(f, feeds, ui)).expect("draw");
+    t.backend().to_string()
+}
+
+#[test]
+fn line_summary_80x24() {
+    let mut feeds = line_feeds();
+    feeds.push(never_reached());
+    let ui = line_ui(&feeds);
+    let text = line_screen(&feeds, &ui, 80, 24);
+    insta::assert_snapshot!(text);
+    // Every station has its row, the line its total, the lost ones say so.
+    for w in ["1 line-2", "2 line-3", "3 line-4", "4 10.0.0.9:9464", "LINE", "LOST 12.0s", "UNREACHABLE", "2/4 up"] {
+        assert!(text.contains(w), "{w} missing:\n{text}");
+    }
+}
+
+#[test]
+fn line_summary_160x48() {
+    let feeds = line_feeds();
+    let ui = LineUi { selected: 1, ..line_ui(&feeds) };
+    insta::assert_snapshot!(line_screen(&feeds, &ui, 160, 48));
+}
+
+#[test]
+fn line_station_tab_80x24_is_that_stations_dashboard() {
+    let feeds = line_feeds();
+    let ui = LineUi { tab: Tab::Station(2), ..line_ui(&feeds) };
+    let text = line_screen(&feeds, &ui, 80, 24);
+    insta::assert_snapshot!(text);
+    assert!(text.contains("station line-4") && text.contains("CONNECTION LOST"), "{text}");
+    assert!(text.contains("READER ERROR"), "{text}");
+}
+
+#[test]
+fn line_help_80x24() {
+    let feeds = line_feeds();
+    let ui = LineUi { help: true, ..line_ui(&feeds) };
+    insta::assert_snapshot!(line_screen(&feeds, &ui, 80, 24));
+    // A station tab's help lists the tab keys too.
+    let mut ui = LineUi { tab: Tab::Station(0), ..line_ui(&feeds) };
+    ui.stations[0].help = true;
+    let text = line_screen(&feeds, &ui, 80, 24);
+    assert!(text.contains("Tab ⇧Tab") && text.contains("pause / resume"), "{text}");
+}
+
+#[test]
+fn line_view_renders_at_every_size() {
+    let mut feeds = line_feeds();
+    feeds.push(never_reached());
+    for (w, h) in [(1, 1), (20, 5), (40, 12), (80, 24), (100, 30), (300, 90)] {
+        for tab in [Tab::Line, Tab::Station(0), Tab::Station(3)] {
+            let _ = line_screen(&feeds, &LineUi { tab, help: true, ..line_ui(&feeds) }, w, h);
+            let _ = line_screen(&feeds, &LineUi { tab, ..line_ui(&feeds) }, w, h);
+        }
+    }
+}
+
+#[test]
+fn line_totals_sum_the_stations() {
+    let mut feeds = line_feeds();
+    feeds.push(never_reached());
+    let t = LineTotals::new(&feeds);
+    assert_eq!((t.stations, t.reachable), (4, 2));
+    // 17+30+17 passed, 3+2+3 failed: the lost station keeps its last figures.
+    assert_eq!((t.passed, t.failed), (64, 8));
+    assert!((t.yield_.expect("yield") - 64.0 / 72.0).abs() < 1e-9);
+    // First-pass yield weighted by cards: (0.8*20 + 0.875*32 + 0.8*20) / 72.
+    assert!((t.first_pass_yield.expect("fpy") - 60.0 / 72.0).abs() < 1e-9, "{:?}", t.first_pass_yield);
+    // The current rate counts only the running station that answers.
+    assert!((t.cards_per_hour - 540.0).abs() < 1e-9, "{}", t.cards_per_hour);
+    // 4 readers each: working+pairing busy on line-2 and line-4, one error.
+    assert_eq!((t.readers.busy, t.readers.idle, t.readers.error), (4, 7, 1));
+    assert_eq!(t.failures[0], ("attestation".to_string(), "counterfeit".to_string(), 6));
+    assert_eq!(t.failures[1], ("self_tests".to_string(), "kat failed".to_string(), 2));
+}
+
+fn code(c: KeyCode) -> KeyEvent {
+    KeyEvent::new(c, KeyModifiers::NONE)
+}
+
+#[test]
+fn line_keys_switch_tabs_and_reach_the_shown_station() {
+    let feeds = line_feeds();
+    let mut ui = line_ui(&feeds);
+    assert_eq!(ui.tab, Tab::Line);
+    assert_eq!(handle_line_key(code(KeyCode::Tab), &mut ui, &feeds), None);
+    assert_eq!(ui.tab, Tab::Station(0));
+    handle_line_key(code(KeyCode::Right), &mut ui, &feeds);
+    assert_eq!(ui.tab, Tab::Station(1));
+    handle_line_key(code(KeyCode::BackTab), &mut ui, &feeds);
+    handle_line_key(code(KeyCode::Left), &mut ui, &feeds);
+    assert_eq!(ui.tab, Tab::Line, "back past the first station is the summary");
+    handle_line_key(code(KeyCode::BackTab), &mut ui, &feeds);
+    assert_eq!(ui.tab, Tab::Station(2), "and round to the last");
+    handle_line_key(key('0'), &mut ui, &feeds);
+    assert_eq!(ui.tab, Tab::Line);
+    handle_line_key(key('9'), &mut ui, &feeds);
+    assert_eq!(ui.tab, Tab::Line, "no station 9");
+    handle_line_key(key('2'), &mut ui, &feeds);
+    assert_eq!(ui.tab, Tab::Station(1));
+    // On a station tab the keys are that station's: p pauses its selected reader.
+    handle_line_key(key('j'), &mut ui, &feeds);
+    assert_eq!(handle_line_key(key('p'), &mut ui, &feeds), Some((1, Action::PauseReader { reader: "emu-1".into() })));
+    // A pending y/n keeps the key: Tab cancels it instead of switching.
+    assert_eq!(handle_line_key(key('d'), &mut ui, &feeds), None);
+    assert_eq!(handle_line_key(code(KeyCode::Tab), &mut ui, &feeds), None);
+    assert_eq!(ui.tab, Tab::Station(1));
+    assert_eq!(ui.stations[1].confirm, None);
+    handle_line_key(key('d'), &mut ui, &feeds);
+    assert_eq!(handle_line_key(key('y'), &mut ui, &feeds), Some((1, Action::Drain)));
+    // The other stations' view state is their own.
+    assert_eq!(ui.stations[0].selected, 0);
+    // On the summary: select a station, Enter opens it.
+    handle_line_key(key('0'), &mut ui, &feeds);
+    handle_line_key(code(KeyCode::Down), &mut ui, &feeds);
+    handle_line_key(code(KeyCode::Down), &mut ui, &feeds);
+    handle_line_key(code(KeyCode::Down), &mut ui, &feeds);
+    assert_eq!(ui.selected, 2, "stops at the last station");
+    assert_eq!(handle_line_key(key('p'), &mut ui, &feeds), None, "the summary sends no action");
+    handle_line_key(code(KeyCode::Enter), &mut ui, &feeds);
+    assert_eq!(ui.tab, Tab::Station(2));
+}
+
+#[test]
+fn line_q_detaches_from_every_tab() {
+    let feeds = line_feeds();
+    let mut ui = line_ui(&feeds);
+    handle_line_key(key('?'), &mut ui, &feeds);
+    assert!(ui.help);
+    handle_line_key(key('x'), &mut ui, &feeds);
+    assert!(!ui.help && !ui.quit, "any key closes the help");
+    handle_line_key(key('q'), &mut ui, &feeds);
+    assert!(ui.quit);
+    let mut ui = LineUi { tab: Tab::Station(1), ..line_ui(&feeds) };
+    handle_line_key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL), &mut ui, &feeds);
+    assert!(ui.quit, "Ctrl-C on a station tab detaches too");
+}
