@@ -288,10 +288,13 @@ pub struct Recipe {
     /// recorded failed-and-retryable.
     interrupt: AtomicBool,
     in_flight: Arc<InFlight>,
-    /// The last attestation challenges sent to each card, to recognise an
-    /// old response played back (its signature verifies over one of them).
-    challenges: Mutex<HashMap<CardId, Vec<[u8; 32]>>>,
 }
+
+/// The last attestation challenges this station process sent to each card
+/// (across batches: a daemon runs many), to recognise an old response
+/// played back: its signature verifies over one of them.
+static CHALLENGES: std::sync::LazyLock<Mutex<HashMap<CardId, Vec<[u8; 32]>>>> =
+    std::sync::LazyLock::new(Mutex::default);
 
 /// Challenges kept per card, and cards kept (then the memory starts over:
 /// a replay is still refused, as a clone or a bad signature).
@@ -410,16 +413,7 @@ macro_rules! step {
 impl Recipe {
     pub fn new(profile: Arc<Profile>, firmware: Arc<Firmware>, ledger: Ledger, batch_id: i64) -> Self {
         let ring = profile.key_ring();
-        Self {
-            profile,
-            firmware,
-            ledger,
-            batch_id,
-            ring,
-            interrupt: AtomicBool::new(false),
-            in_flight: Arc::default(),
-            challenges: Mutex::default(),
-        }
+        Self { profile, firmware, ledger, batch_id, ring, interrupt: AtomicBool::new(false), in_flight: Arc::default() }
     }
 
     /// Stops every card in flight at its next step (station stopping).
@@ -541,7 +535,7 @@ impl Recipe {
     /// sent.
     fn challenge(&self, card: CardId) -> [u8; 32] {
         let challenge: [u8; 32] = random();
-        let mut all = self.challenges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut all = CHALLENGES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if all.len() >= CHALLENGE_CARDS && !all.contains_key(&card) {
             all.clear();
         }
@@ -555,7 +549,7 @@ impl Recipe {
 
     /// Whether `att` is a genuine answer to an earlier challenge of ours.
     fn answers_an_earlier_challenge(&self, card: CardId, key: &VerifyingKey, att: &wallet::Attestation) -> bool {
-        let all = self.challenges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let all = CHALLENGES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         all.get(&card).is_some_and(|old| old.iter().any(|c| wallet::verify_digest(key, &att.digest(c), &att.signature)))
     }
 
