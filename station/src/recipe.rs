@@ -72,6 +72,10 @@ impl fmt::Display for Step {
     }
 }
 
+/// What the firmware step calls an instance GET STATUS did not list but the
+/// card refused to install.
+const UNLISTED_INSTANCE: &str = "unlisted instance";
+
 /// The stage a card reaches when it passes this recipe.
 pub const STAGE_READY: &str = "ready_for_pairing";
 
@@ -120,6 +124,10 @@ pub mod reason {
     pub const RMAC_MISMATCH: &str = "secure channel: R-MAC mismatch (response altered)";
     /// A success response without the R-MAC the security level requires.
     pub const RMAC_MISSING: &str = "secure channel: R-MAC missing";
+    /// The card contradicted an answer no R-MAC vouched for (an error
+    /// status word, which a relay can forge): GET STATUS said "no such
+    /// instance" but the card refused to INSTALL it. Nothing was deleted.
+    pub const UNAUTHENTICATED_ANSWER: &str = "secure channel: unauthenticated answer contradicted";
 }
 
 /// Why a card failed: the step, a short reason (grouped in reports), the
@@ -156,6 +164,9 @@ impl Failure {
             }
             CardError::Scp03(Scp03Error::RMacMismatch) => (reason::RMAC_MISMATCH.to_string(), false),
             CardError::Scp03(Scp03Error::RMacMissing { .. }) => (reason::RMAC_MISSING.to_string(), false),
+            CardError::Verification { what: UNLISTED_INSTANCE, .. } => {
+                (reason::UNAUTHENTICATED_ANSWER.to_string(), false)
+            }
             CardError::Scp03(s) => (format!("secure channel: {s}"), false),
             CardError::Verification { what, .. } => (format!("{what} failed verification"), false),
         };
@@ -817,7 +828,19 @@ impl Recipe {
                     }
                     None => {}
                 }
-                gp.install_for_install(&fw.package_aid, &a.class_aid, &a.instance_aid, a.privileges, &a.params)?;
+                gp.install_for_install(&fw.package_aid, &a.class_aid, &a.instance_aid, a.privileges, &a.params)
+                    .map_err(|e| match e {
+                        CardError::Status { sw, .. } if listed(&a.instance_aid).is_none() => CardError::verification(
+                            UNLISTED_INSTANCE,
+                            format!(
+                                "GET STATUS did not list instance {} (that answer carries no R-MAC) but INSTALL \
+                                 answered {:04X}; nothing deleted",
+                                hex::encode_upper(&a.instance_aid),
+                                sw.0
+                            ),
+                        ),
+                        e => e,
+                    })?;
                 done.push(hex::encode_upper(&a.instance_aid));
             }
             self.verify_firmware(gp, &version)?;

@@ -418,8 +418,8 @@ fn a_forged_error_status_word_leads_to_no_irreversible_action() {
     // The resumed run: SELECT ISD, GET DATA CPLC, GET DATA 7F21, SELECT
     // wallet, ATTEST (the proof of the recorded key), SELECT ISD,
     // INITIALIZE UPDATE, EXTERNAL AUTHENTICATE, GET STATUS packages, GET
-    // STATUS applications: that one is answered 6A88 ("none"), with no
-    // R-MAC, by someone other than the card.
+    // STATUS applications: the card lists its instance, a relay swaps the
+    // answer for 6A88 ("none"), which carries no R-MAC either way.
     let at = before.apdus + 10;
     card.set_faults(CardFaults {
         forged_error: Some((at, StatusWord::REFERENCED_DATA_NOT_FOUND)),
@@ -431,9 +431,9 @@ fn a_forged_error_status_word_leads_to_no_irreversible_action() {
     assert_eq!((header[1], header[2]), (ins::GET_STATUS, 0x40), "the forged answer hit GET STATUS (applications)");
     let o = &summary.outcomes[0];
     let failure = o.result.as_ref().expect_err("the card is not passed");
-    assert!(!failure.retryable, "{failure:?}");
+    assert_eq!((failure.reason.as_str(), failure.retryable), (reason::UNAUTHENTICATED_ANSWER, false), "{failure:?}");
     let rec = &line.cards()[&id.to_hex()];
-    assert_quarantined(rec, *bin, "firmware", &failure.reason);
+    assert_quarantined(rec, *bin, "firmware", reason::UNAUTHENTICATED_ANSWER);
     // Read back from the card: nothing was deleted, the wallet key is there.
     let after = card.view();
     assert_eq!(after.packages, before.packages);

@@ -68,9 +68,11 @@ pub struct CardFaults {
     /// command as usual; only the answer is altered.
     pub flip_response: Option<(u64, ResponseFlip)>,
     /// At APDU n the host gets this status word, with no data and no
-    /// R-MAC, instead of the card's answer; the card never sees the command.
-    /// Error status words carry no R-MAC (GP Amendment D §6.2.5), so a
-    /// relay can forge them: the host must not act irreversibly on one.
+    /// R-MAC, instead of the card's answer: the card processed the command
+    /// as usual (so the secure channel's MAC chain stays in step), a relay
+    /// swapped the answer. Error status words carry no R-MAC (GP Amendment
+    /// D §6.2.5), so this cannot be told from the card's own: the host must
+    /// not act irreversibly on one.
     pub forged_error: Option<(u64, StatusWord)>,
     /// ATTEST answers with the previous ATTEST response this card gave (as
     /// a relay that recorded it would), once there is one. The card still
@@ -334,12 +336,6 @@ impl EmuCard {
             self.ram = Transient::power_on();
             return Exchange::Removed { latency: self.latency.duration(Cost::Small) / 2 };
         }
-        if let Some((at, sw)) = self.faults.forged_error
-            && at == n
-        {
-            self.faults.forged_error = None;
-            return Exchange::Answer { response: sw.to_bytes().to_vec(), latency: self.latency.duration(Cost::Small) };
-        }
         let (mut resp, cost) = self.execute(raw);
         let latency = self.latency.duration(cost).mul_f64(self.faults.slow_factor.max(0.0));
         if tear == Some(TearPoint::After) {
@@ -351,6 +347,12 @@ impl EmuCard {
                 (Some(old), true) => resp.data = old.clone(),
                 _ => self.last_attestation = Some(resp.data.clone()),
             }
+        }
+        if let Some((at, sw)) = self.faults.forged_error
+            && at == n
+        {
+            self.faults.forged_error = None;
+            return Exchange::Answer { response: sw.to_bytes().to_vec(), latency };
         }
         if let Some((at, which)) = self.faults.flip_response
             && at == n
@@ -506,5 +508,61 @@ impl EmuCard {
 impl std::fmt::Debug for EmuCard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "EmuCard({} {})", self.chip.id, self.label)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::factory::{ChipFactory, ChipKind};
+    use super::*;
+
+    const GET_CPLC: [u8; 5] = [0x80, 0xCA, 0x9F, 0x7F, 0x00];
+
+    fn answer(card: &mut EmuCard, apdu: &[u8]) -> Vec<u8> {
+        match card.process(apdu) {
+            Exchange::Answer { response, .. } => response,
+            other => panic!("no answer: {other:?}"),
+        }
+    }
+
+    /// Two cards made alike: the same chip, one with `faults`.
+    fn twins(faults: CardFaults) -> (EmuCard, EmuCard) {
+        let plain = ChipFactory::new(3).make(ChipKind::Genuine, CardFaults::default());
+        let faulty = ChipFactory::new(3).make(ChipKind::Genuine, faults);
+        (plain, faulty)
+    }
+
+    #[test]
+    fn a_flipped_response_differs_in_one_bit_where_asked_and_only_once() {
+        for which in [ResponseFlip::Data, ResponseFlip::RMac] {
+            let (mut plain, mut faulty) =
+                twins(CardFaults { flip_response: Some((2, which)), ..CardFaults::default() });
+            for n in 1..=3 {
+                let (a, b) = (answer(&mut plain, &GET_CPLC), answer(&mut faulty, &GET_CPLC));
+                // The last data byte sits before SW1 SW2.
+                let index = if which == ResponseFlip::Data { 0 } else { a.len() - 3 };
+                let diff: Vec<(usize, u8)> =
+                    a.iter().zip(&b).enumerate().filter(|(_, (x, y))| x != y).map(|(i, (x, y))| (i, x ^ y)).collect();
+                let expected = if n == 2 { vec![(index, 1)] } else { vec![] };
+                assert_eq!(diff, expected, "{which:?}, APDU {n}");
+            }
+            assert_eq!(plain.view(), faulty.view(), "the card itself is the same");
+        }
+    }
+
+    #[test]
+    fn a_forged_error_replaces_the_answer_of_a_command_the_card_did_process() {
+        let sw = StatusWord::REFERENCED_DATA_NOT_FOUND;
+        let (mut plain, mut card) = twins(CardFaults { forged_error: Some((1, sw)), ..CardFaults::default() });
+        // SELECT of an unknown AID deselects everything (then GET DATA
+        // answers 6985): the forged 6A88 hides that the card did it.
+        let select = [0x00, 0xA4, 0x04, 0x00, 0x05, 0xA0, 0x00, 0x00, 0x00, 0x99, 0x00];
+        assert_eq!(answer(&mut plain, &select), [0x6A, 0x82]);
+        assert_eq!(answer(&mut card, &select), sw.to_bytes());
+        for c in [&mut plain, &mut card] {
+            assert_eq!(answer(c, &GET_CPLC), [0x69, 0x85], "nothing selected any more");
+        }
+        assert_eq!(card.headers(), [[0x00, 0xA4, 0x04, 0x00], [0x80, 0xCA, 0x9F, 0x7F]]);
+        assert_eq!(plain.view(), card.view());
     }
 }
