@@ -12,6 +12,7 @@ use std::time::Duration;
 use card::gp::keys::{AesKey, Diversification, StaticKeys};
 use card::gp::scp03::SecurityLevel;
 use card::gp::session::{KeyRing, KeySource};
+use card::wallet::cert::ca_key_id;
 use k256::ecdsa::VerifyingKey;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
@@ -187,6 +188,23 @@ struct RawRotation {
 struct RawAttestation {
     /// Pinned card vendor CA public keys (compressed SEC1, hex).
     vendor_cas: Vec<Spanned<String>>,
+    /// What is no longer trusted, although a pinned CA may have signed it.
+    #[serde(default)]
+    revoked: RawRevoked,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRevoked {
+    /// Vendor CAs: public keys (hex SEC1) or CA key ids (16 hex digits).
+    #[serde(default)]
+    cas: Vec<Spanned<String>>,
+    /// Card ids (20 hex digits).
+    #[serde(default)]
+    card_ids: Vec<Spanned<String>>,
+    /// Card public keys (hex SEC1).
+    #[serde(default)]
+    card_keys: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -299,6 +317,9 @@ pub struct Profile {
     pub factory_keys: StaticKeys,
     pub rotation: Option<Rotation>,
     pub vendor_cas: Vec<VerifyingKey>,
+    /// The attestation revocation list: refused even when a pinned CA
+    /// signed them.
+    pub revoked: Revoked,
     pub self_tests: SelfTests,
     pub timeouts: Timeouts,
     /// Extra attempts on a card still on its reader after a retryable failure.
@@ -310,6 +331,33 @@ pub struct Profile {
     pub sharing: card::transport::pcsc::Sharing,
     /// Signs each batch's audit head; `None` leaves heads unsigned.
     pub audit_key: Option<crate::ledger::AuditKey>,
+}
+
+/// The profile's revocation list (`attestation.revoked`): vendor CAs by key
+/// id, card ids, and card public keys (compressed SEC1).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revoked {
+    pub cas: Vec<[u8; 8]>,
+    pub card_ids: Vec<card::CardId>,
+    pub card_keys: Vec<[u8; 33]>,
+}
+
+impl Revoked {
+    pub fn ca(&self, key_id: &[u8; 8]) -> bool {
+        self.cas.contains(key_id)
+    }
+
+    pub fn card_id(&self, id: &card::CardId) -> bool {
+        self.card_ids.contains(id)
+    }
+
+    pub fn card_key(&self, key: &[u8; 33]) -> bool {
+        self.card_keys.contains(key)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cas.is_empty() && self.card_ids.is_empty() && self.card_keys.is_empty()
+    }
 }
 
 /// What happens to a ready card that finds no partners.
@@ -437,6 +485,43 @@ impl Validator {
                 None
             }
         }
+    }
+
+    /// `attestation.revoked`: every entry checked, duplicates refused (a
+    /// duplicate usually means a mistyped second entry).
+    fn revoked(&mut self, raw: &RawRevoked) -> Revoked {
+        let mut out = Revoked::default();
+        for (i, v) in raw.cas.iter().enumerate() {
+            let field = format!("attestation.revoked.cas[{i}]");
+            let text = v.value.trim();
+            let id = if text.len() == 16 {
+                hex::decode(text).ok().and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            } else {
+                hex::decode(text).ok().and_then(|b| VerifyingKey::from_sec1_bytes(&b).ok()).map(|k| ca_key_id(&k))
+            };
+            match id {
+                Some(id) if out.cas.contains(&id) => self.problem(v, &field, "listed twice"),
+                Some(id) => out.cas.push(id),
+                None => self.problem(v, &field, "not a CA public key in hex (SEC1) nor a CA key id (16 hex digits)"),
+            }
+        }
+        for (i, v) in raw.card_ids.iter().enumerate() {
+            let field = format!("attestation.revoked.card_ids[{i}]");
+            match v.value.trim().parse::<card::CardId>() {
+                Ok(id) if out.card_ids.contains(&id) => self.problem(v, &field, "listed twice"),
+                Ok(id) => out.card_ids.push(id),
+                Err(_) => self.problem(v, &field, "not a card id (20 hex digits)"),
+            }
+        }
+        for (i, v) in raw.card_keys.iter().enumerate() {
+            let field = format!("attestation.revoked.card_keys[{i}]");
+            match self.public_key(v, &field).map(|k| card::wallet::public_key_bytes(&k)) {
+                Some(k) if out.card_keys.contains(&k) => self.problem(v, &field, "listed twice"),
+                Some(k) => out.card_keys.push(k),
+                None => {}
+            }
+        }
+        out
     }
 
     /// A key given as hex, `env:NAME` or `file:PATH`.
@@ -568,6 +653,7 @@ impl Validator {
             .enumerate()
             .filter_map(|(i, k)| self.public_key(k, &format!("attestation.vendor_cas[{i}]")))
             .collect();
+        let revoked = self.revoked(&raw.attestation.revoked);
         let st = &raw.self_tests;
         if st.signatures.value > 64 {
             self.problem(&st.signatures, "self_tests.signatures", "at most 64");
@@ -650,6 +736,7 @@ impl Validator {
             factory_keys: factory_keys?,
             rotation,
             vendor_cas,
+            revoked,
             self_tests: SelfTests {
                 kat: st.kat,
                 signatures: st.signatures.value,
@@ -750,6 +837,53 @@ mod tests {
         let fields: Vec<String> = problems(&bad).into_iter().map(|p| p.field).collect();
         assert!(fields.contains(&"attestation.vendor_cas[0]".to_string()), "{fields:?}");
         assert!(fields.contains(&"firmware.dir".to_string()), "{fields:?}");
+    }
+
+    const DEMO_CA: &str = "02B6684FC5AAE553C9098B41B9BC28E9D48917B3F87E2AA4155913A2666C777DF1";
+
+    #[test]
+    fn the_revocation_list_is_read_and_every_bad_entry_has_its_line() {
+        let (text, path) = demo_text();
+        let with = |revoked: &str| text.replace("\nself_tests:", &format!("  revoked:\n{revoked}\nself_tests:"));
+        let good = with(&format!(
+            "    cas: [{DEMO_CA}, 0011223344556677]\n    card_ids: [47905040AABBCCDDEEFF]\n    card_keys: [{DEMO_CA}]"
+        ));
+        let p = Profile::parse(&good, &path).expect("valid");
+        let demo = VerifyingKey::from_sec1_bytes(&hex::decode(DEMO_CA).expect("hex")).expect("key");
+        assert!(p.revoked.ca(&ca_key_id(&demo)));
+        assert!(p.revoked.ca(&[0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77]));
+        assert!(p.revoked.card_id(&"47905040AABBCCDDEEFF".parse().expect("id")));
+        assert!(p.revoked.card_key(&card::wallet::public_key_bytes(&demo)));
+        let plain = Profile::parse(&text, &path).expect("valid");
+        assert!(plain.revoked.is_empty(), "no list: nothing revoked");
+
+        let bad = with(
+            "    cas: [0011]\n    card_ids: [4790, 47905040AABBCCDDEEFF, 47905040AABBCCDDEEFF]\n    card_keys: [02B668]",
+        );
+        let p = Profile::parse(&bad, &path).expect_err("refused").problems;
+        let fields: Vec<&str> = p.iter().map(|x| x.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "attestation.revoked.cas[0]",
+                "attestation.revoked.card_ids[0]",
+                "attestation.revoked.card_ids[2]",
+                "attestation.revoked.card_keys[0]"
+            ],
+            "{p:#?}"
+        );
+        for x in &p {
+            let needle = x.field.rsplit('.').next().and_then(|f| f.split('[').next()).expect("field");
+            let line = bad.lines().position(|l| l.trim_start().starts_with(needle)).expect("line") as u64 + 1;
+            assert_eq!(x.line, line, "{x:?}");
+        }
+        assert!(p[2].message.contains("twice"), "{p:?}");
+
+        let unknown = with("    serials: [1]");
+        let p = Profile::parse(&unknown, &path).expect_err("unknown key").problems;
+        assert!(p[0].message.contains("serials"), "{p:?}");
+        let line = unknown.lines().position(|l| l.contains("serials")).expect("line") as u64 + 1;
+        assert_eq!(p[0].line, line, "{p:?}");
     }
 
     #[test]

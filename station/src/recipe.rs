@@ -6,13 +6,14 @@
 //! card resumes by simply running the recipe again.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use card::gp::StatusScope;
 use card::gp::session::{self, GpSession, KeyRing};
+use card::gp::{StatusScope, app_state};
 use card::transport::{ReaderId, Transport, TransportError};
 use card::wallet::cert::{Certificate, ca_key_id};
 use card::wallet::client::WalletClient;
@@ -71,8 +72,63 @@ impl fmt::Display for Step {
     }
 }
 
+/// What the firmware step calls an instance GET STATUS did not list but the
+/// card refused to install.
+const UNLISTED_INSTANCE: &str = "unlisted instance";
+
 /// The stage a card reaches when it passes this recipe.
 pub const STAGE_READY: &str = "ready_for_pairing";
+
+/// The reasons of identity, attestation and secure-channel refusals. They
+/// are shown to operators, written to the ledger and counted in metrics by
+/// reason, so they are stable texts: the specifics go to the detail.
+/// Every one of them fails the card not retryable (quarantine: FAIL bin).
+pub mod reason {
+    /// The certificate's issuer is no pinned CA.
+    pub const UNPINNED_CA: &str = "counterfeit: certificate from an unpinned CA";
+    /// A pinned CA's key id, but its signature does not verify.
+    pub const CA_SIGNATURE: &str = "counterfeit: certificate signature invalid";
+    pub const VALIDITY: &str = "certificate outside its validity";
+    /// Not a canonical version 1 certificate, or no valid key in it.
+    pub const MALFORMED_CERTIFICATE: &str = "malformed certificate";
+    /// The certificate's CA is on the profile's revocation list.
+    pub const REVOKED_CA: &str = "revoked vendor CA";
+    /// The card id or the card key is on the profile's revocation list.
+    pub const REVOKED_CARD: &str = "revoked card";
+    /// Certificate or attestation name another chip than the CPLC.
+    pub const IDENTITY_MISMATCH: &str = "identity mismatch";
+    /// The certificate carries another card key than the ledger recorded
+    /// for this card id.
+    pub const CLONE_KEY_CHANGED: &str = "clone: card key differs from the recorded one";
+    /// Another reader of this station holds a card with this card id.
+    pub const CLONE_ON_ANOTHER_READER: &str = "clone: identity already on another reader";
+    /// The card cannot sign a fresh challenge with the card key the ledger
+    /// recorded for its card id.
+    pub const CLONE_NO_PROOF: &str = "clone: cannot prove the recorded card key";
+    /// The attestation counter is not above the one the ledger recorded
+    /// (a clone attested fewer times, or a card whose memory was rolled
+    /// back).
+    pub const COUNTER_BACKWARDS: &str = "attestation counter went backwards";
+    /// A signature that answers an earlier challenge of this station, not
+    /// the fresh one: an old response played back.
+    pub const REPLAYED: &str = "attestation replayed";
+    /// The attestation signature does not verify under the certificate's
+    /// key (first sight of this card id).
+    pub const SIGNATURE_INVALID: &str = "attestation signature invalid";
+    /// A card recorded passed came back and proved the recorded card key:
+    /// the same card; its record is kept as it was.
+    pub const ALREADY_PROVISIONED: &str = "already provisioned, verified";
+    /// A response's R-MAC did not verify: the response was altered between
+    /// card and host (ISO 14443 and T=1 frames carry a CRC, so this is no
+    /// line noise). The channel is closed; nothing was decided on it.
+    pub const RMAC_MISMATCH: &str = "secure channel: R-MAC mismatch (response altered)";
+    /// A success response without the R-MAC the security level requires.
+    pub const RMAC_MISSING: &str = "secure channel: R-MAC missing";
+    /// The card contradicted an answer no R-MAC vouched for (an error
+    /// status word, which a relay can forge): GET STATUS said "no such
+    /// instance" but the card refused to INSTALL it. Nothing was deleted.
+    pub const UNAUTHENTICATED_ANSWER: &str = "secure channel: unauthenticated answer contradicted";
+}
 
 /// Why a card failed: the step, a short reason (grouped in reports), the
 /// full detail, and whether trying the same card again may succeed.
@@ -105,6 +161,11 @@ impl Failure {
             CardError::Malformed { what, .. } => (format!("malformed {what}"), false),
             CardError::Scp03(Scp03Error::CardCryptogramMismatch) => {
                 ("card cryptogram mismatch (wrong GP keys)".to_string(), false)
+            }
+            CardError::Scp03(Scp03Error::RMacMismatch) => (reason::RMAC_MISMATCH.to_string(), false),
+            CardError::Scp03(Scp03Error::RMacMissing { .. }) => (reason::RMAC_MISSING.to_string(), false),
+            CardError::Verification { what: UNLISTED_INSTANCE, .. } => {
+                (reason::UNAUTHENTICATED_ANSWER.to_string(), false)
             }
             CardError::Scp03(s) => (format!("secure channel: {s}"), false),
             CardError::Verification { what, .. } => (format!("{what} failed verification"), false),
@@ -139,6 +200,52 @@ pub struct ReadyCard {
     pub certificate: Vec<u8>,
     /// The card key, verified against a pinned CA.
     pub card_key: VerifyingKey,
+    /// Keeps the card id claimed for this reader while the card waits for
+    /// pairing (released when the coordinator lets go of the card).
+    claim: Option<Arc<Claim>>,
+}
+
+/// The card ids the readers of one station are working on, so that two
+/// chips with one identity on two readers at once are told apart: one card
+/// cannot sit on two readers.
+#[derive(Debug, Default)]
+struct InFlight {
+    cards: Mutex<HashMap<CardId, (String, u64)>>,
+    next: AtomicU64,
+}
+
+/// One reader's claim on a card id; dropping it releases the card id.
+#[derive(Debug)]
+struct Claim {
+    in_flight: Arc<InFlight>,
+    card: CardId,
+    token: u64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut cards = self.in_flight.cards.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cards.get(&self.card).is_some_and(|(_, t)| *t == self.token) {
+            cards.remove(&self.card);
+        }
+    }
+}
+
+impl InFlight {
+    /// Claims `card` for `reader`; the reader holding it otherwise. The
+    /// same reader may claim again (its earlier card left it, or it retries
+    /// the card).
+    fn claim(self: &Arc<Self>, card: CardId, reader: &str) -> Result<Claim, String> {
+        let mut cards = self.cards.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((other, _)) = cards.get(&card)
+            && other != reader
+        {
+            return Err(other.clone());
+        }
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        cards.insert(card, (reader.to_string(), token));
+        Ok(Claim { in_flight: Arc::clone(self), card, token })
+    }
 }
 
 /// What happened to one card.
@@ -191,7 +298,19 @@ pub struct Recipe {
     /// Set when the station stops: cards in flight end at their next step,
     /// recorded failed-and-retryable.
     interrupt: AtomicBool,
+    in_flight: Arc<InFlight>,
 }
+
+/// The last attestation challenges this station process sent to each card
+/// (across batches: a daemon runs many), to recognise an old response
+/// played back: its signature verifies over one of them.
+static CHALLENGES: std::sync::LazyLock<Mutex<HashMap<CardId, Vec<[u8; 32]>>>> =
+    std::sync::LazyLock::new(Mutex::default);
+
+/// Challenges kept per card, and cards kept (then the memory starts over:
+/// a replay is still refused, as a clone or a bad signature).
+const CHALLENGES_PER_CARD: usize = 4;
+const CHALLENGE_CARDS: usize = 100_000;
 
 impl fmt::Debug for Recipe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -305,7 +424,7 @@ macro_rules! step {
 impl Recipe {
     pub fn new(profile: Arc<Profile>, firmware: Arc<Firmware>, ledger: Ledger, batch_id: i64) -> Self {
         let ring = profile.key_ring();
-        Self { profile, firmware, ledger, batch_id, ring, interrupt: AtomicBool::new(false) }
+        Self { profile, firmware, ledger, batch_id, ring, interrupt: AtomicBool::new(false), in_flight: Arc::default() }
     }
 
     /// Stops every card in flight at its next step (station stopping).
@@ -353,20 +472,30 @@ impl Recipe {
         outcome.card_id = Some(card_id);
         let _span = tracing::info_span!("card", card = %card_id).entered();
         progress(Progress::Card(card_id));
+        // One card cannot sit on two readers: a second chip with this card
+        // id while another reader works on the first is a clone. Refused
+        // before the ledger is touched, so the first card's record stays
+        // its own; the refusal is journaled.
+        let claim = match self.in_flight.claim(card_id, reader.as_str()) {
+            Ok(c) => c,
+            Err(other) => {
+                let f = Failure::new(
+                    Step::Identify,
+                    reason::CLONE_ON_ANOTHER_READER,
+                    format!("card {card_id} is being provisioned on {other}: two chips with one identity"),
+                    false,
+                );
+                return self.refused(outcome, card_id, reader, f, started);
+            }
+        };
         let atr = hex::encode_upper(&t.atr().0);
         let prior =
             self.ledger.begin_card(card_id, reader.as_str(), self.batch_id, &atr, &hex::encode_upper(cplc.encode()))?;
-        if prior.as_ref().is_some_and(|p| p.status == CardStatus::Passed) {
-            let f = Failure::new(
-                Step::Identify,
-                "already provisioned",
-                format!("card {card_id} is already recorded as passed; a second card with its identity is a clone"),
-                false,
-            );
-            self.ledger.step(card_id, 0, Step::Identify.name(), StepEvent::Refused, &f.detail, reader.as_str())?;
-            outcome.result = Err(f);
-            outcome.elapsed = started.elapsed();
-            return Ok(outcome);
+        if let Some(p) = prior.as_ref().filter(|p| p.status == CardStatus::Passed) {
+            // The record of a passed card is never changed. The card must
+            // prove it is the card recorded: same card, or a clone.
+            let f = self.re_presented(card_id, t, p);
+            return self.refused(outcome, card_id, reader, f, started);
         }
         let attempt = prior.as_ref().map_or(1, |p| p.attempts + 1);
         outcome.attempt = attempt;
@@ -381,14 +510,195 @@ impl Recipe {
         let steps = self.steps(&a, t, prior.as_ref(), started, progress)?;
         a.flush()?;
         match steps {
-            Ok((passed, ready)) => {
+            Ok((passed, mut ready)) => {
                 outcome.result = Ok(passed);
+                if let Some(r) = ready.as_mut() {
+                    r.claim = Some(Arc::new(claim));
+                }
                 outcome.ready = ready;
             }
             Err(f) => outcome.result = Err(f),
         }
         outcome.elapsed = started.elapsed();
         Ok(outcome)
+    }
+
+    /// Ends a card refused at identify without an attempt of its own: the
+    /// refusal is journaled (reason and detail); the card row, if any, is
+    /// left as it was.
+    fn refused(
+        &self,
+        mut outcome: CardOutcome,
+        card_id: CardId,
+        reader: &ReaderId,
+        f: Failure,
+        started: Instant,
+    ) -> Result<CardOutcome, LedgerDown> {
+        tracing::warn!(reason = %f.reason, detail = %f.detail, "card refused at identify");
+        let line = format!("{}: {}", f.reason, f.detail);
+        self.ledger.step(card_id, 0, Step::Identify.name(), StepEvent::Refused, &line, reader.as_str())?;
+        outcome.result = Err(f);
+        outcome.elapsed = started.elapsed();
+        Ok(outcome)
+    }
+
+    /// A fresh attestation challenge for `card`, remembered before it is
+    /// sent.
+    fn challenge(&self, card: CardId) -> [u8; 32] {
+        let challenge: [u8; 32] = random();
+        let mut all = CHALLENGES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if all.len() >= CHALLENGE_CARDS && !all.contains_key(&card) {
+            all.clear();
+        }
+        let mine = all.entry(card).or_default();
+        if mine.len() >= CHALLENGES_PER_CARD {
+            mine.remove(0);
+        }
+        mine.push(challenge);
+        challenge
+    }
+
+    /// Whether `att` is a genuine answer to an earlier challenge of ours.
+    fn answers_an_earlier_challenge(&self, card: CardId, key: &VerifyingKey, att: &wallet::Attestation) -> bool {
+        let all = CHALLENGES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.get(&card).is_some_and(|old| old.iter().any(|c| wallet::verify_digest(key, &att.digest(c), &att.signature)))
+    }
+
+    /// A card whose id is recorded passed: it must sign a fresh challenge
+    /// with the card key recorded for that id, with a counter above the
+    /// recorded one. Then it is the same card ("already provisioned,
+    /// verified"); else a clone. Either way it is refused: a passed card is
+    /// never provisioned twice.
+    fn re_presented(&self, card_id: CardId, t: &mut dyn Transport, prior: &PriorRecord) -> Failure {
+        const S: Step = Step::Identify;
+        if let Some(f) = self.revoked_card(S, card_id, prior.card_public_key.as_deref()) {
+            return f;
+        }
+        let Some(key) = recorded_key(prior) else {
+            return Failure::new(
+                S,
+                reason::CLONE_NO_PROOF,
+                format!("card {card_id} is recorded passed without a card key to check"),
+                false,
+            );
+        };
+        match self.prove_recorded_key(S, card_id, t, &key, prior, true) {
+            Ok(None) => Failure::new(S, reason::CLONE_NO_PROOF, format!("card {card_id} gave no proof"), false),
+            Ok(Some(counter)) => Failure::new(
+                S,
+                reason::ALREADY_PROVISIONED,
+                format!(
+                    "card {card_id} is recorded passed and proved its recorded card key (counter {counter}); \
+                     its record is kept"
+                ),
+                false,
+            ),
+            Err(f) => f,
+        }
+    }
+
+    /// Challenges the card to sign with the card key the ledger recorded
+    /// for its id (ATTEST over a fresh challenge); the new counter on
+    /// success. Without the wallet applet there is nothing to sign with:
+    /// no proof (`None`) unless `applet_required`, then a clone.
+    fn prove_recorded_key(
+        &self,
+        step: Step,
+        card_id: CardId,
+        t: &mut dyn Transport,
+        key: &VerifyingKey,
+        prior: &PriorRecord,
+        applet_required: bool,
+    ) -> Result<Option<u32>, Failure> {
+        let no_proof = |detail: String| Failure::new(step, reason::CLONE_NO_PROOF, detail, false);
+        let mut w = WalletClient::new(t);
+        match w.select() {
+            Ok(_) => {}
+            Err(CardError::Status { .. }) if !applet_required => return Ok(None),
+            Err(CardError::Status { sw, .. }) => {
+                return Err(no_proof(format!(
+                    "card {card_id} has no wallet applet to sign with (SELECT {:04X})",
+                    sw.0
+                )));
+            }
+            Err(CardError::Transport(e)) => return Err(Failure::from_card_error(step, &CardError::Transport(e))),
+            Err(e) => return Err(no_proof(format!("SELECT: {e}"))),
+        }
+        let challenge = self.challenge(card_id);
+        let att = match w.attest(&challenge) {
+            Ok(a) => a,
+            Err(CardError::Transport(e)) => return Err(Failure::from_card_error(step, &CardError::Transport(e))),
+            Err(e) => return Err(no_proof(format!("ATTEST: {e}"))),
+        };
+        self.check_attestation_proof(step, card_id, key, Some(prior), &challenge, &att)?;
+        Ok(Some(att.counter))
+    }
+
+    /// The checks of an attestation's proof of the card key, in the order
+    /// that gives the truest reason: identity, signature over this
+    /// challenge, then the counter against the recorded one.
+    fn check_attestation_proof(
+        &self,
+        step: Step,
+        card_id: CardId,
+        key: &VerifyingKey,
+        prior: Option<&PriorRecord>,
+        challenge: &[u8; 32],
+        att: &wallet::Attestation,
+    ) -> Result<(), Failure> {
+        let refuse = |reason: &str, detail: String| Failure::new(step, reason, detail, false);
+        if att.card_id != card_id {
+            return Err(refuse(reason::IDENTITY_MISMATCH, format!("attestation names {}", att.card_id)));
+        }
+        let recorded = prior.and_then(|p| p.attest_counter);
+        if !wallet::verify_digest(key, &att.digest(challenge), &att.signature) {
+            if self.answers_an_earlier_challenge(card_id, key, att) {
+                return Err(refuse(
+                    reason::REPLAYED,
+                    format!(
+                        "the signature (counter {}) answers an earlier challenge of this station, not the fresh one",
+                        att.counter
+                    ),
+                ));
+            }
+            if prior.and_then(recorded_key).is_some() {
+                return Err(refuse(
+                    reason::CLONE_NO_PROOF,
+                    format!("card {card_id} cannot sign a fresh challenge with the card key recorded for it"),
+                ));
+            }
+            return Err(refuse(
+                reason::SIGNATURE_INVALID,
+                "the card's signature over the fresh challenge does not verify with its certificate's key".into(),
+            ));
+        }
+        if let Some(last) = recorded
+            && att.counter <= last
+        {
+            return Err(refuse(
+                reason::COUNTER_BACKWARDS,
+                format!("counter {} after {last} was recorded (clone or rollback)", att.counter),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The profile's revocation list against a card id and card key.
+    fn revoked_card(&self, step: Step, card_id: CardId, card_key_hex: Option<&str>) -> Option<Failure> {
+        let revoked = &self.profile.revoked;
+        if revoked.card_id(&card_id) {
+            return Some(Failure::new(step, reason::REVOKED_CARD, format!("card id {card_id} is revoked"), false));
+        }
+        let key = card_key_hex.and_then(|h| hex::decode(h).ok()).and_then(|b| <[u8; 33]>::try_from(b).ok());
+        if key.is_some_and(|k| revoked.card_key(&k)) {
+            return Some(Failure::new(
+                step,
+                reason::REVOKED_CARD,
+                format!("the card key of {card_id} is revoked"),
+                false,
+            ));
+        }
+        None
     }
 
     fn check_budget(&self, started: Instant, step: Step) -> Result<(), Failure> {
@@ -478,7 +788,7 @@ impl Recipe {
             // Passed its own recipe; recorded passed only when bundled or
             // released by the coordinator.
             a.ledger.ready_after(a.take_done(), a.card, a.attempt)?;
-            let card = ReadyCard { card_id: a.card, attempt: a.attempt, certificate, card_key };
+            let card = ReadyCard { card_id: a.card, attempt: a.attempt, certificate, card_key, claim: None };
             return Ok(Ok((ready, Some(Box::new(card)))));
         }
         let serial = a.ledger.pass_after(a.take_done(), a.card, a.attempt, STAGE_READY)?;
@@ -490,23 +800,60 @@ impl Recipe {
     /// and verify with GET STATUS.
     fn firmware(&self, gp: &mut GpSession<'_>, progress: &mut dyn FnMut(Progress)) -> Result<String, CardError> {
         let fw = &self.firmware;
+        // What the card lists comes in 9000/6310 responses, which carry an
+        // R-MAC at the profile's level; "nothing of this kind" is 6A88, an
+        // error status word, which never does (Amendment D §6.2.5). So a
+        // DELETE is only ever decided on something the card listed, never
+        // on an absence a relay could have forged.
         let packages = gp.get_status(StatusScope::LoadFiles)?;
         let instances = gp.get_status(StatusScope::Applications)?;
         let version = vec![fw.package_version.0, fw.package_version.1];
         let package = packages.iter().find(|p| p.aid == fw.package_aid);
-        let installed = |aid: &[u8]| {
-            instances.iter().any(|i| {
-                i.aid == aid && i.lifecycle & card::gp::app_state::SELECTABLE == card::gp::app_state::SELECTABLE
-            })
-        };
-        if package.is_some_and(|p| p.version.as_ref() == Some(&version))
-            && fw.applets.iter().all(|a| installed(&a.instance_aid))
-        {
-            return Ok(format!("{} {} already present", fw.manifest.name, fw.manifest.version));
+        let listed = |aid: &[u8]| instances.iter().find(|i| i.aid == aid);
+        let selectable = |lifecycle: u8| lifecycle & app_state::SELECTABLE == app_state::SELECTABLE;
+        if package.is_some_and(|p| p.version.as_ref() == Some(&version)) {
+            if fw.applets.iter().all(|a| listed(&a.instance_aid).is_some_and(|i| selectable(i.lifecycle))) {
+                return Ok(format!("{} {} already present", fw.manifest.name, fw.manifest.version));
+            }
+            // The right package is there (listed): only instances are
+            // missing. A listed instance that is not selectable is deleted
+            // and installed again; an unlisted one is installed, not
+            // deleted: a card that does have it refuses the INSTALL.
+            let mut done = Vec::new();
+            for a in &fw.applets {
+                match listed(&a.instance_aid) {
+                    Some(i) if selectable(i.lifecycle) => continue,
+                    Some(_) => {
+                        gp.delete(&a.instance_aid, false)?;
+                    }
+                    None => {}
+                }
+                gp.install_for_install(&fw.package_aid, &a.class_aid, &a.instance_aid, a.privileges, &a.params)
+                    .map_err(|e| match e {
+                        CardError::Status { sw, .. } if listed(&a.instance_aid).is_none() => CardError::verification(
+                            UNLISTED_INSTANCE,
+                            format!(
+                                "GET STATUS did not list instance {} (that answer carries no R-MAC) but INSTALL \
+                                 answered {:04X}; nothing deleted",
+                                hex::encode_upper(&a.instance_aid),
+                                sw.0
+                            ),
+                        ),
+                        e => e,
+                    })?;
+                done.push(hex::encode_upper(&a.instance_aid));
+            }
+            self.verify_firmware(gp, &version)?;
+            return Ok(format!(
+                "{} {} already loaded; installed {}",
+                fw.manifest.name,
+                fw.manifest.version,
+                done.join(", ")
+            ));
         }
         let mut removed = Vec::new();
         for a in &fw.applets {
-            if instances.iter().any(|i| i.aid == a.instance_aid) && gp.delete(&a.instance_aid, false)? {
+            if listed(&a.instance_aid).is_some() && gp.delete(&a.instance_aid, false)? {
                 removed.push(hex::encode_upper(&a.instance_aid));
             }
         }
@@ -527,25 +874,32 @@ impl Recipe {
         for a in &fw.applets {
             gp.install_for_install(&fw.package_aid, &a.class_aid, &a.instance_aid, a.privileges, &a.params)?;
         }
-        // Verify: the package at the right version, every instance selectable.
+        self.verify_firmware(gp, &version)?;
+        let mut detail = format!("loaded {} {} in {blocks} blocks", fw.manifest.name, fw.manifest.version);
+        if !removed.is_empty() {
+            detail.push_str(&format!(" after deleting {}", removed.join(", ")));
+        }
+        Ok(detail)
+    }
+
+    /// After LOAD or INSTALL: the package at the right version, every
+    /// instance selectable (GET STATUS).
+    fn verify_firmware(&self, gp: &mut GpSession<'_>, version: &[u8]) -> Result<(), CardError> {
+        let fw = &self.firmware;
         let packages = gp.get_status(StatusScope::LoadFiles)?;
         let instances = gp.get_status(StatusScope::Applications)?;
-        if !packages.iter().any(|p| p.aid == fw.package_aid && p.version.as_ref() == Some(&version)) {
+        if !packages.iter().any(|p| p.aid == fw.package_aid && p.version.as_deref() == Some(version)) {
             return Err(CardError::verification("firmware load", "package absent after LOAD"));
         }
         for a in &fw.applets {
-            if !instances.iter().any(|i| i.aid == a.instance_aid && i.lifecycle == card::gp::app_state::SELECTABLE) {
+            if !instances.iter().any(|i| i.aid == a.instance_aid && i.lifecycle == app_state::SELECTABLE) {
                 return Err(CardError::verification(
                     "firmware install",
                     format!("instance {} not selectable after INSTALL", hex::encode_upper(&a.instance_aid)),
                 ));
             }
         }
-        let mut detail = format!("loaded {} {} in {blocks} blocks", fw.manifest.name, fw.manifest.version);
-        if !removed.is_empty() {
-            detail.push_str(&format!(" after deleting {}", removed.join(", ")));
-        }
-        Ok(detail)
+        Ok(())
     }
 
     /// The identity certificate chains to a pinned CA, is valid now, names
@@ -559,18 +913,29 @@ impl Recipe {
     ) -> Result<VerifyingKey, Failure> {
         use card::wallet::cert::CertError;
         let refuse = |reason: &str, detail: String| Failure::new(step, reason, detail, false);
+        // Revocation first: a revoked CA is usually no longer pinned too,
+        // and "revoked" is the truer reason.
+        if self.profile.revoked.ca(&cert.issuer) {
+            return Err(refuse(
+                reason::REVOKED_CA,
+                format!("certificate from CA {}, which the profile revokes", hex::encode_upper(cert.issuer)),
+            ));
+        }
+        if let Some(f) = self.revoked_card(step, card_id, Some(&hex::encode_upper(cert.public_key))) {
+            return Err(f);
+        }
         let (card_key, _) = cert.verify(&self.profile.vendor_cas, unix_now()).map_err(|e| {
             let reason = match &e {
-                CertError::UnknownIssuer(_) => "counterfeit: certificate from an unpinned CA",
-                CertError::BadSignature => "counterfeit: certificate signature invalid",
-                CertError::Expired { .. } | CertError::NotYetValid { .. } => "certificate outside its validity",
-                CertError::BadPublicKey | CertError::Version(_) => "malformed certificate",
+                CertError::UnknownIssuer(_) => reason::UNPINNED_CA,
+                CertError::BadSignature => reason::CA_SIGNATURE,
+                CertError::Expired { .. } | CertError::NotYetValid { .. } => reason::VALIDITY,
+                CertError::BadPublicKey | CertError::Version(_) => reason::MALFORMED_CERTIFICATE,
             };
             refuse(reason, e.to_string())
         })?;
         if cert.subject != card_id {
             return Err(refuse(
-                "identity mismatch",
+                reason::IDENTITY_MISMATCH,
                 format!("certificate names {} but the chip reports {card_id}", cert.subject),
             ));
         }
@@ -578,8 +943,8 @@ impl Recipe {
             && known != hex::encode_upper(cert.public_key)
         {
             return Err(refuse(
-                "identity changed",
-                format!("card {card_id} presents another card key than recorded before (clone?)"),
+                reason::CLONE_KEY_CHANGED,
+                format!("card {card_id} presents another card key than the one recorded for it"),
             ));
         }
         Ok(card_key)
@@ -600,14 +965,28 @@ impl Recipe {
         let Some(bytes) = session::read_identity(t).map_err(|e| Failure::from_card_error(S, &e))? else {
             return Ok(((), format!("ATR {atr}; no identity certificate before attestation"), CardUpdate::default()));
         };
-        let cert = Certificate::parse(&bytes).map_err(|e| Failure::from_card_error(S, &e))?;
+        let cert = Certificate::parse(&bytes)
+            .map_err(|e| Failure::new(S, reason::MALFORMED_CERTIFICATE, e.to_string(), false))?;
         self.check_identity(S, card_id, &cert, prior)?;
-        let update = CardUpdate {
+        let mut update = CardUpdate {
             card_public_key: Some(hex::encode_upper(cert.public_key)),
             ca_key_id: Some(hex::encode_upper(cert.issuer)),
             ..CardUpdate::default()
         };
-        Ok(((), format!("ATR {atr}; certificate from CA {}", hex::encode_upper(cert.issuer)), update))
+        let mut detail = format!("ATR {atr}; certificate from CA {}", hex::encode_upper(cert.issuer));
+        // Seen before with a card key: the card must prove it holds that
+        // key before anything is done to it. Without its applet yet, the
+        // attestation step makes the same proof.
+        if let Some((p, key)) = prior.and_then(|p| recorded_key(p).map(|k| (p, k))) {
+            match self.prove_recorded_key(S, card_id, t, &key, p, false)? {
+                Some(counter) => {
+                    update.attest_counter = Some(counter);
+                    detail.push_str(&format!("; proved the recorded card key (counter {counter})"));
+                }
+                None => detail.push_str("; no applet yet: the recorded card key is proven at attestation"),
+            }
+        }
+        Ok(((), detail, update))
     }
 
     /// Identity and attestation: certificate chains to a pinned CA, names
@@ -623,19 +1002,14 @@ impl Recipe {
         let mut w = WalletClient::new(t);
         let info = w.select().map_err(|e| Failure::from_card_error(S, &e))?;
         let cert_failure = |reason: &str, detail: String| Failure::new(S, reason, detail, false);
-        let cert = w.identity().map_err(|e| Failure::from_card_error(S, &e))?;
+        let cert = w.identity().map_err(|e| match e {
+            CardError::Malformed { .. } => Failure::new(S, reason::MALFORMED_CERTIFICATE, e.to_string(), false),
+            e => Failure::from_card_error(S, &e),
+        })?;
         let card_key = self.check_identity(S, card_id, &cert, prior)?;
-        let challenge: [u8; 32] = random();
+        let challenge = self.challenge(card_id);
         let att = w.attest(&challenge).map_err(|e| Failure::from_card_error(S, &e))?;
-        if att.card_id != card_id {
-            return Err(cert_failure("identity mismatch", format!("attestation names {}", att.card_id)));
-        }
-        if !wallet::verify_digest(&card_key, &att.digest(&challenge), &att.signature) {
-            return Err(cert_failure(
-                "attestation signature invalid",
-                "the card's signature over the fresh challenge does not verify (replay or forgery)".into(),
-            ));
-        }
+        self.check_attestation_proof(S, card_id, &card_key, prior, &challenge, &att)?;
         if att.firmware_hash != self.firmware.load_file_sha256 {
             return Err(cert_failure(
                 "firmware hash mismatch",
@@ -650,14 +1024,6 @@ impl Recipe {
             return Err(cert_failure(
                 "lifecycle mismatch",
                 format!("attested {:02X}, selected {:?}", att.lifecycle, info.lifecycle),
-            ));
-        }
-        if let Some(last) = prior.and_then(|p| p.attest_counter)
-            && att.counter <= last
-        {
-            return Err(cert_failure(
-                "attestation counter went backwards",
-                format!("counter {} after {last} was recorded (clone or rollback)", att.counter),
             ));
         }
         let detail = format!(
@@ -741,6 +1107,12 @@ impl Recipe {
         done.push(format!("memory {} bytes", st.memory_bytes));
         Ok(done.join(", "))
     }
+}
+
+/// The card key the ledger recorded for a card, if any.
+fn recorded_key(prior: &PriorRecord) -> Option<VerifyingKey> {
+    let bytes = hex::decode(prior.card_public_key.as_deref()?).ok()?;
+    VerifyingKey::from_sec1_bytes(&bytes).ok()
 }
 
 /// Health checks on card RNG output, after NIST SP 800-90B §4.4 in spirit:

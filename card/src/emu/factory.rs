@@ -2,7 +2,8 @@
 //! does: a unique chip identifier and CPLC, a card key pair generated "in
 //! the chip", an identity certificate signed by the vendor CA, the vendor's
 //! default GP keys (version FF), and an empty card manager. Counterfeits get
-//! a certificate from another CA; clones copy an existing card's identity.
+//! a certificate from another CA; clones copy an existing card's identity
+//! (a perfect clone with its card key, or an identity copy without it).
 //!
 //! DEMO ONLY: the vendor CA private keys below are public constants so that
 //! demos and tests are reproducible. No real card may ever trust them.
@@ -47,6 +48,12 @@ pub fn counterfeit_ca() -> SigningKey {
     demo_key(b"Tapline DEMO ONLY counterfeit CA v1")
 }
 
+/// DEMO ONLY: a second chip vendor's CA, for profiles that pin two vendors
+/// (and revoke one).
+pub fn second_vendor_ca() -> SigningKey {
+    demo_key(b"Tapline DEMO ONLY second vendor CA v1")
+}
+
 pub fn demo_vendor_ca_public() -> VerifyingKey {
     *demo_vendor_ca().verifying_key()
 }
@@ -67,8 +74,19 @@ pub enum ChipKind {
     Genuine,
     /// Identity certificate signed by a CA that is not pinned.
     Counterfeit,
-    /// Same identity (card id, card key, certificate) as an existing chip.
+    /// Same identity (card id, card key, certificate) as an existing chip:
+    /// a perfect clone, as if the card key had been extracted.
     Clone(CardId),
+    /// The public part of an existing chip's identity (CPLC, card id,
+    /// certificate) copied onto another chip, which has its own card key
+    /// (the original's cannot be read out): it cannot sign for the
+    /// certificate it shows.
+    CopiedIdentity(CardId),
+    /// Genuine chip of a second vendor, whose certificate is signed by
+    /// [`second_vendor_ca`].
+    SecondVendor,
+    /// Genuine chip whose certificate is damaged (version byte 02).
+    MalformedCertificate,
     /// Genuine chip whose vendor shipped other default keys.
     WrongDefaultKeys,
     /// Genuine chip whose certificate expired.
@@ -106,7 +124,7 @@ impl ChipFactory {
     /// Makes one chip of the given kind with the given fault script.
     pub fn make(&mut self, kind: ChipKind, faults: CardFaults) -> EmuCard {
         let (id, key_seed) = match &kind {
-            ChipKind::Clone(original) => {
+            ChipKind::Clone(original) | ChipKind::CopiedIdentity(original) => {
                 let seed = self.made.iter().find(|(i, _)| i == original).map(|(_, s)| *s);
                 match seed {
                     Some(s) => (*original, s),
@@ -116,13 +134,24 @@ impl ChipFactory {
             _ => (self.next_id(), self.fresh_seed()),
         };
         self.made.push((id, key_seed));
-        let card_key = Drbg::new(key_seed).scalar();
+        let certified_key = Drbg::new(key_seed).scalar();
+        let card_key = match kind {
+            ChipKind::CopiedIdentity(_) => Drbg::new(self.fresh_seed()).scalar(),
+            _ => certified_key.clone(),
+        };
+        let second = second_vendor_ca();
         let (ca, not_after) = match kind {
             ChipKind::Counterfeit => (&self.fake_vendor, CERT_NOT_AFTER),
             ChipKind::Expired => (&self.vendor, CERT_NOT_BEFORE + 86_400),
+            ChipKind::SecondVendor => (&second, CERT_NOT_AFTER),
             _ => (&self.vendor, CERT_NOT_AFTER),
         };
-        let cert = Certificate::issue(ca, id, card_key.verifying_key(), CERT_NOT_BEFORE, not_after);
+        let mut certificate =
+            Certificate::issue(ca, id, certified_key.verifying_key(), CERT_NOT_BEFORE, not_after).encode();
+        if kind == ChipKind::MalformedCertificate {
+            // 7F21 81 9A, then 5F29 01 <version>: the version byte.
+            certificate[7] = 0x02;
+        }
         let default_keys = match kind {
             ChipKind::WrongDefaultKeys => {
                 StaticKeys::from_single(crate::gp::keys::AesKey::from_bytes(&[0x5A; 16]).expect("16-byte key"))
@@ -133,7 +162,7 @@ impl ChipFactory {
             id,
             cplc: Cplc::for_card(&id, [0x47, 0x00]),
             card_key,
-            certificate: cert.encode(),
+            certificate,
             atr: pseudo_atr(b"TAPLINE-EMU"),
             // Every chip, counterfeits included, carries the genuine vendor
             // CA key: a counterfeit is made to look genuine, and only its
@@ -154,6 +183,9 @@ impl ChipFactory {
             ChipKind::Genuine => "genuine".to_string(),
             ChipKind::Counterfeit => "counterfeit".to_string(),
             ChipKind::Clone(_) => "clone".to_string(),
+            ChipKind::CopiedIdentity(_) => "identity-copy".to_string(),
+            ChipKind::SecondVendor => "second-vendor".to_string(),
+            ChipKind::MalformedCertificate => "malformed-certificate".to_string(),
             ChipKind::WrongDefaultKeys => "wrong-default-keys".to_string(),
             ChipKind::Expired => "expired-certificate".to_string(),
         };
@@ -218,5 +250,17 @@ mod tests {
         let clone = f.make(ChipKind::Clone(g.id()), CardFaults::default());
         assert_eq!(clone.id(), g.id());
         assert_eq!(clone.chip.certificate, g.chip.certificate);
+        let copy = f.make(ChipKind::CopiedIdentity(g.id()), CardFaults::default());
+        assert_eq!((copy.id(), &copy.chip.certificate), (g.id(), &g.chip.certificate));
+        assert_ne!(copy.chip.card_key.verifying_key(), g.chip.card_key.verifying_key(), "no key to copy");
+        let other = f.make(ChipKind::SecondVendor, CardFaults::default());
+        let cert = Certificate::parse(&other.chip.certificate).expect("parses");
+        assert!(cert.verify(&pinned, CERT_NOT_BEFORE + 10).is_err());
+        assert!(cert.verify(&[*second_vendor_ca().verifying_key()], CERT_NOT_BEFORE + 10).is_ok());
+        let bad = f.make(ChipKind::MalformedCertificate, CardFaults::default());
+        let refused = Certificate::parse(&bad.chip.certificate)
+            .map_err(|e| e.to_string())
+            .and_then(|c| c.verify(&pinned, CERT_NOT_BEFORE + 10).map(|_| ()).map_err(|e| e.to_string()));
+        assert!(refused.is_err(), "a damaged certificate is refused");
     }
 }

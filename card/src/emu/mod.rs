@@ -63,6 +63,32 @@ pub struct CardFaults {
     /// Latency multiplier on top of the card's latency model (a degraded
     /// card or reader; a slow card *type* is `LatencyModel::SLOW`).
     pub slow_factor: f64,
+    /// At APDU n one bit of the response changes on its way to the host
+    /// (a tampering relay or reader): the card processed and committed the
+    /// command as usual; only the answer is altered.
+    pub flip_response: Option<(u64, ResponseFlip)>,
+    /// At APDU n the host gets this status word, with no data and no
+    /// R-MAC, instead of the card's answer: the card processed the command
+    /// as usual (so the secure channel's MAC chain stays in step), a relay
+    /// swapped the answer. Error status words carry no R-MAC (GP Amendment
+    /// D §6.2.5), so this cannot be told from the card's own: the host must
+    /// not act irreversibly on one.
+    pub forged_error: Option<(u64, StatusWord)>,
+    /// ATTEST answers with the previous ATTEST response this card gave (as
+    /// a relay that recorded it would), once there is one. The card still
+    /// counts the attestation it was asked for.
+    pub replay_attestation: bool,
+}
+
+/// Which bit of a response a [`CardFaults::flip_response`] fault flips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFlip {
+    /// The lowest bit of the first data byte (response data proper when
+    /// the response carries more than its R-MAC).
+    Data,
+    /// The lowest bit of the last data byte: the R-MAC's last byte in a
+    /// secure channel with R-MAC.
+    RMac,
 }
 
 impl Default for CardFaults {
@@ -77,6 +103,9 @@ impl Default for CardFaults {
             failing_kat: false,
             bad_memory: false,
             slow_factor: 1.0,
+            flip_response: None,
+            forged_error: None,
+            replay_attestation: false,
         }
     }
 }
@@ -203,7 +232,16 @@ pub struct EmuCard {
     latency: LatencyModel,
     apdus: u64,
     label: String,
+    /// CLA INS P1 P2 of every APDU the card received (the first
+    /// `HEADER_LOG_LIMIT`), for tests that aim a fault at a command.
+    headers: Vec<[u8; 4]>,
+    /// The last genuine ATTEST response (what a recording relay holds),
+    /// kept outside the card's memory: the replay fault's source.
+    last_attestation: Option<Vec<u8>>,
 }
+
+/// How many APDU headers an emulated card keeps (about 50 recipes).
+const HEADER_LOG_LIMIT: usize = 8192;
 
 /// What a command handler sees: the chip, a working copy of persistent
 /// memory (committed by the caller on success), RAM, RNG and faults.
@@ -232,6 +270,8 @@ impl EmuCard {
             latency: LatencyModel::JCOP4,
             apdus: 0,
             label,
+            headers: Vec::new(),
+            last_attestation: None,
         }
     }
 
@@ -270,6 +310,13 @@ impl EmuCard {
     pub fn process(&mut self, raw: &[u8]) -> Exchange {
         self.apdus += 1;
         let n = self.apdus;
+        if self.headers.len() < HEADER_LOG_LIMIT {
+            let mut h = [0u8; 4];
+            for (d, s) in h.iter_mut().zip(raw) {
+                *d = *s;
+            }
+            self.headers.push(h);
+        }
         if self.faults.mute_from.is_some_and(|m| n >= m) {
             return Exchange::Mute;
         }
@@ -289,13 +336,44 @@ impl EmuCard {
             self.ram = Transient::power_on();
             return Exchange::Removed { latency: self.latency.duration(Cost::Small) / 2 };
         }
-        let (resp, cost) = self.execute(raw);
+        let (mut resp, cost) = self.execute(raw);
         let latency = self.latency.duration(cost).mul_f64(self.faults.slow_factor.max(0.0));
         if tear == Some(TearPoint::After) {
             self.ram = Transient::power_on();
             return Exchange::Removed { latency };
         }
+        if raw.len() > 1 && raw[0] == 0x80 && raw[1] == crate::wallet::ins::ATTEST && resp.sw == StatusWord::OK {
+            match (&self.last_attestation, self.faults.replay_attestation) {
+                (Some(old), true) => resp.data = old.clone(),
+                _ => self.last_attestation = Some(resp.data.clone()),
+            }
+        }
+        if let Some((at, sw)) = self.faults.forged_error
+            && at == n
+        {
+            self.faults.forged_error = None;
+            return Exchange::Answer { response: sw.to_bytes().to_vec(), latency };
+        }
+        if let Some((at, which)) = self.faults.flip_response
+            && at == n
+        {
+            self.faults.flip_response = None;
+            let i = match which {
+                ResponseFlip::Data => Some(0),
+                ResponseFlip::RMac => resp.data.len().checked_sub(1),
+            };
+            if let Some(b) = i.and_then(|i| resp.data.get_mut(i)) {
+                *b ^= 0x01;
+            }
+        }
         Exchange::Answer { response: resp.to_bytes(), latency }
+    }
+
+    /// CLA INS P1 P2 of the APDUs this card received, in order (APDU n is
+    /// at index n - 1), so a test can aim an APDU-numbered fault at a
+    /// command.
+    pub fn headers(&self) -> &[[u8; 4]] {
+        &self.headers
     }
 
     fn execute(&mut self, raw: &[u8]) -> Handled {
@@ -430,5 +508,61 @@ impl EmuCard {
 impl std::fmt::Debug for EmuCard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "EmuCard({} {})", self.chip.id, self.label)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::factory::{ChipFactory, ChipKind};
+    use super::*;
+
+    const GET_CPLC: [u8; 5] = [0x80, 0xCA, 0x9F, 0x7F, 0x00];
+
+    fn answer(card: &mut EmuCard, apdu: &[u8]) -> Vec<u8> {
+        match card.process(apdu) {
+            Exchange::Answer { response, .. } => response,
+            other => panic!("no answer: {other:?}"),
+        }
+    }
+
+    /// Two cards made alike: the same chip, one with `faults`.
+    fn twins(faults: CardFaults) -> (EmuCard, EmuCard) {
+        let plain = ChipFactory::new(3).make(ChipKind::Genuine, CardFaults::default());
+        let faulty = ChipFactory::new(3).make(ChipKind::Genuine, faults);
+        (plain, faulty)
+    }
+
+    #[test]
+    fn a_flipped_response_differs_in_one_bit_where_asked_and_only_once() {
+        for which in [ResponseFlip::Data, ResponseFlip::RMac] {
+            let (mut plain, mut faulty) =
+                twins(CardFaults { flip_response: Some((2, which)), ..CardFaults::default() });
+            for n in 1..=3 {
+                let (a, b) = (answer(&mut plain, &GET_CPLC), answer(&mut faulty, &GET_CPLC));
+                // The last data byte sits before SW1 SW2.
+                let index = if which == ResponseFlip::Data { 0 } else { a.len() - 3 };
+                let diff: Vec<(usize, u8)> =
+                    a.iter().zip(&b).enumerate().filter(|(_, (x, y))| x != y).map(|(i, (x, y))| (i, x ^ y)).collect();
+                let expected = if n == 2 { vec![(index, 1)] } else { vec![] };
+                assert_eq!(diff, expected, "{which:?}, APDU {n}");
+            }
+            assert_eq!(plain.view(), faulty.view(), "the card itself is the same");
+        }
+    }
+
+    #[test]
+    fn a_forged_error_replaces_the_answer_of_a_command_the_card_did_process() {
+        let sw = StatusWord::REFERENCED_DATA_NOT_FOUND;
+        let (mut plain, mut card) = twins(CardFaults { forged_error: Some((1, sw)), ..CardFaults::default() });
+        // SELECT of an unknown AID deselects everything (then GET DATA
+        // answers 6985): the forged 6A88 hides that the card did it.
+        let select = [0x00, 0xA4, 0x04, 0x00, 0x05, 0xA0, 0x00, 0x00, 0x00, 0x99, 0x00];
+        assert_eq!(answer(&mut plain, &select), [0x6A, 0x82]);
+        assert_eq!(answer(&mut card, &select), sw.to_bytes());
+        for c in [&mut plain, &mut card] {
+            assert_eq!(answer(c, &GET_CPLC), [0x69, 0x85], "nothing selected any more");
+        }
+        assert_eq!(card.headers(), [[0x00, 0xA4, 0x04, 0x00], [0x80, 0xCA, 0x9F, 0x7F]]);
+        assert_eq!(plain.view(), card.view());
     }
 }
