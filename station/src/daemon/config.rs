@@ -39,6 +39,10 @@ struct RawConfig {
     #[serde(default)]
     token: Option<Spanned<String>>,
     ledger: Spanned<String>,
+    /// PostgreSQL ledger: the local outbox file (default
+    /// tapline-outbox-<station id>.db next to this file).
+    #[serde(default)]
+    outbox: Option<Spanned<String>>,
     #[serde(default)]
     reports: Option<Spanned<String>>,
     readers: RawReaders,
@@ -104,7 +108,10 @@ pub struct DaemonConfig {
     /// Required on every `/api/` request when set; required when `listen`
     /// is not loopback.
     pub token: Option<Zeroizing<String>>,
-    pub ledger: PathBuf,
+    /// A SQLite file (relative to the config) or a postgres:// URL.
+    pub ledger: crate::ledger::LedgerTarget,
+    /// The outbox of a PostgreSQL ledger.
+    pub outbox: PathBuf,
     pub reports: PathBuf,
     pub readers: ReaderSource,
     /// Profile name -> file.
@@ -119,6 +126,7 @@ impl fmt::Debug for DaemonConfig {
             .field("listen", &self.listen)
             .field("token", &self.token.as_ref().map(|_| "(set)"))
             .field("ledger", &self.ledger)
+            .field("outbox", &self.outbox)
             .field("reports", &self.reports)
             .field("readers", &self.readers)
             .field("profiles", &self.profiles)
@@ -277,11 +285,29 @@ impl DaemonConfig {
             problem(l, c, "profiles", "name at least one profile".into());
         }
         let reports = base.join(raw.reports.as_ref().map_or("reports", |r| r.value.as_str()));
-        let ledger = base.join(&raw.ledger.value);
-        match (problems.is_empty(), listen, readers) {
-            (true, Some(listen), Some(readers)) => {
-                Ok(Self { file: path.to_path_buf(), station_id, listen, token, ledger, reports, readers, profiles })
+        let ledger = match crate::ledger::LedgerTarget::parse(&raw.ledger.value) {
+            Ok(crate::ledger::LedgerTarget::Sqlite(p)) => Some(crate::ledger::LedgerTarget::Sqlite(base.join(p))),
+            Ok(t) => Some(t),
+            Err(detail) => {
+                let (l, c) = at!(raw.ledger);
+                problem(l, c, "ledger", detail);
+                None
             }
+        };
+        let outbox = base
+            .join(raw.outbox.as_ref().map_or_else(|| format!("tapline-outbox-{station_id}.db"), |o| o.value.clone()));
+        match (problems.is_empty(), listen, readers, ledger) {
+            (true, Some(listen), Some(readers), Some(ledger)) => Ok(Self {
+                file: path.to_path_buf(),
+                station_id,
+                listen,
+                token,
+                ledger,
+                outbox,
+                reports,
+                readers,
+                profiles,
+            }),
             _ => Err(ConfigError { file: path.to_path_buf(), problems }),
         }
     }
