@@ -490,10 +490,9 @@ impl Ledger {
             }
         };
         let (tx, rx) = crossbeam_channel::unbounded();
-        let thread_path = path.clone();
         let handle = std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || writer(backend, rx, thread_path))
+            .spawn(move || writer(backend, rx))
             .map_err(|e| LedgerError::Refused { path: path.clone(), detail: e.to_string() })?;
         let mut boot = [0u8; 6];
         let _ = getrandom::fill(&mut boot);
@@ -776,8 +775,7 @@ const GROUP_LIMIT: usize = 512;
 /// How often an idle writer looks at its backend (outbox drain).
 const IDLE_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
-fn writer(mut backend: Box<dyn Backend>, rx: Receiver<Request>, path: PathBuf) {
-    let _ = &path;
+fn writer(mut backend: Box<dyn Backend>, rx: Receiver<Request>) {
     loop {
         let first = match rx.recv_timeout(IDLE_TICK) {
             Ok(r) => r,
@@ -1251,6 +1249,48 @@ mod tests {
         let report = audit::verify(&path, None).expect("verify");
         assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
         assert!(report.problems[0].message.contains("serial is 5"), "{}", report.problems[0]);
+    }
+
+    #[test]
+    fn a_schema_3_ledger_with_an_audit_log_gets_station_ids_and_still_verifies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v3.db");
+        let conn = Connection::open(&path).expect("conn");
+        conn.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL)").expect("versions");
+        for (i, sql) in schema::MIGRATIONS.iter().take(3).enumerate() {
+            conn.execute_batch(sql).expect("migration");
+            conn.execute("INSERT INTO schema_version (version) VALUES (?1)", [(i + 1) as i64]).expect("version");
+        }
+        conn.execute_batch(
+            "INSERT INTO batches (name, profile, product, firmware, firmware_sha256, started_at, finished_at)
+               VALUES ('v3', 'p', 'x', 'f', '00', '2025-01-01T00:00:00.000Z', '2025-01-01T01:00:00.000Z');
+             INSERT INTO cards (card_id, status, batch_id, reader, attempts, serial, first_seen, updated_at)
+               VALUES ('0202020202', 'passed', 1, 'r', 1, 1, '2025-01-01T00:00:01.000Z', '2025-01-01T00:00:02.000Z');",
+        )
+        .expect("history");
+        audit::adopt(&conn, 2, "2025-01-01T02:00:00.000Z").expect("a v3 audit log");
+        drop(conn);
+        let (l, w) = Ledger::open_with(&OpenOptions::new(LedgerTarget::Sqlite(path.clone()), "st-9")).expect("migrate");
+        let b = l
+            .start_batch(BatchInfo {
+                name: "v4".into(),
+                profile: "p".into(),
+                product: "x".into(),
+                firmware: "f".into(),
+                firmware_sha256: "00".into(),
+            })
+            .expect("batch");
+        l.begin_card(id(3), "r", b, "", "").expect("begin");
+        l.pass(id(3), 1, "ready_for_pairing").expect("pass");
+        l.finish_batch(b, None).expect("finish");
+        drop(l);
+        w.close();
+        let report = audit::verify(&path, None).expect("verify");
+        assert!(report.ok(), "{:?}", report.problems);
+        let doc = export::export(&path).expect("export");
+        let station = |card: &str| doc.cards.iter().find(|c| c.card_id == card).and_then(|c| c.station_id.clone());
+        assert_eq!(station(&id(3).to_hex()), Some("st-9".to_string()));
+        assert_eq!(station("0202020202"), None, "old rows have no station");
     }
 
     #[test]

@@ -336,7 +336,8 @@ fn apply(tx: &mut Transaction<'_>, op: &Op, ts: &str, station: &str) -> Result<R
                 tx.execute(
                     "UPDATE cards SET current_step = $2, updated_at = $3,
                      lease_until = CASE WHEN held_by = $4 THEN now() + $5::bigint * interval '1 second' ELSE lease_until END
-                     WHERE card_id = $1 AND status = 'in_progress'",
+                     WHERE card_id = $1 AND status = 'in_progress'
+                       AND (held_by IS NULL OR held_by = $4 OR lease_until IS NULL OR lease_until <= now())",
                     &[&id, step, &ts, &station, &CARD_LEASE_S],
                 )?;
             }
@@ -359,7 +360,8 @@ fn apply(tx: &mut Transaction<'_>, op: &Op, ts: &str, station: &str) -> Result<R
                     attested = COALESCE($7, attested),
                     self_tests = COALESCE($8, self_tests),
                     updated_at = $9
-                 WHERE card_id = $1",
+                 WHERE card_id = $1
+                   AND (held_by IS NULL OR held_by = $10 OR lease_until IS NULL OR lease_until <= now())",
                 &[
                     &id,
                     &opt_i64(update.gp_key_version),
@@ -370,6 +372,7 @@ fn apply(tx: &mut Transaction<'_>, op: &Op, ts: &str, station: &str) -> Result<R
                     &update.attested.map(i64::from),
                     &update.self_tests.map(i64::from),
                     &ts,
+                    &station,
                 ],
             )?;
             Ok(Reply::Unit)
