@@ -540,7 +540,20 @@ fn apply_one(
     station: &str,
 ) -> Result<Result<Reply, String>, postgres::Error> {
     let mut sp = tx.savepoint("op")?;
-    let r = apply(&mut sp, op, ts, station);
+    let mut r = apply(&mut sp, op, ts, station);
+    // Two stations that both hold one card and want the other's (only
+    // clones do that) deadlock; PostgreSQL breaks it by failing one
+    // statement. That op runs again once instead of being refused.
+    if let Err(ApplyError::Sql(e)) = &r
+        && e.code().is_some_and(|c| {
+            *c == postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+                || *c == postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+        })
+    {
+        sp.rollback()?;
+        sp = tx.savepoint("op")?;
+        r = apply(&mut sp, op, ts, station);
+    }
     let result = match r {
         Ok(reply) => {
             let ok = Ok(reply);
