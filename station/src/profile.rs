@@ -717,6 +717,19 @@ mod tests {
     }
 
     #[test]
+    fn station_id_and_ledger_keys() {
+        let (text, path) = demo_text();
+        let p = Profile::parse(&format!("{text}\nstation_id: st-7\nledger: line.db\n"), &path).expect("valid");
+        assert_eq!(p.station_id.as_deref(), Some("st-7"));
+        let base = path.parent().expect("dir").join("line.db");
+        assert_eq!(p.ledger, Some(crate::ledger::LedgerTarget::Sqlite(base)), "relative to the profile");
+        let p = Profile::parse(&format!("{text}\nledger: postgres://db/line\n"), &path).expect("valid");
+        assert!(matches!(p.ledger, Some(crate::ledger::LedgerTarget::Postgres(_))));
+        let bad = problems(&format!("{text}\nstation_id: 'two words'\n"));
+        assert!(bad.iter().any(|p| p.field == "station_id"), "{bad:?}");
+    }
+
+    #[test]
     fn demo_profile_is_valid() {
         let (text, path) = demo_text();
         let p = Profile::parse(&text, &path).expect("valid");

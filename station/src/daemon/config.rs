@@ -351,6 +351,22 @@ mod tests {
     }
 
     #[test]
+    fn a_postgres_ledger_gets_an_outbox_and_a_bad_url_names_the_field() {
+        let c = parse(
+            "station_id: st-2\nledger: postgres://tap:pw-secret@db/line\nreaders: {sim: {readers: 1}}\nprofiles: {demo: tapline-cfg-test-profile.yaml}\n",
+        )
+        .expect("valid");
+        assert!(matches!(c.ledger, crate::ledger::LedgerTarget::Postgres(_)));
+        assert!(c.outbox.ends_with("tapline-outbox-st-2.db"), "{}", c.outbox.display());
+        assert!(!format!("{c:?}").contains("pw-secret"), "the password never shows");
+        let e = parse(
+            "station_id: st-2\nledger: postgres://db:port/line\nreaders: {sim: {readers: 1}}\nprofiles: {demo: tapline-cfg-test-profile.yaml}\n",
+        )
+        .expect_err("bad url");
+        assert!(e.to_string().contains("ledger"), "{e}");
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_place_and_no_token_is_echoed() {
         let e = parse(
             "station_id: 'bad id'\nlisten: 0.0.0.0:9464\nledger: l.db\nreaders:\n  sim:\n    readers: 0\nprofiles:\n  demo: missing.yaml\n",
