@@ -504,12 +504,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Ledger { command: LedgerCommand::Verify { ledger, public_key, json } } => match ledger {
-            LedgerTarget::Sqlite(path) => verify_command(&path, public_key.as_deref(), json),
-            LedgerTarget::Postgres(_) => bail!(
-                "ledger verify {ledger}: a PostgreSQL ledger keeps no audit log (docs/ledger.md); verify each station's \
-                 SQLite ledger, or compare `station ledger export` against it"
-            ),
+        Command::Ledger { command: LedgerCommand::Verify { ledger, public_key, json } } => match &ledger {
+            LedgerTarget::Sqlite(path) => verify_command(path, public_key.as_deref(), json),
+            LedgerTarget::Postgres(url) => {
+                if public_key.is_some() {
+                    bail!("ledger verify {ledger}: PostgreSQL audit chains have no signed heads; drop --public-key");
+                }
+                let chains = station::ledger::pg::verify_chains(url)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&chains)?);
+                } else {
+                    println!(
+                        "ledger {ledger}: {} station audit chain(s); no signed heads and no table check on PostgreSQL \
+                         (docs/ledger.md)",
+                        chains.len()
+                    );
+                    for c in &chains {
+                        let state = if c.problems.is_empty() { "intact" } else { "BROKEN" };
+                        println!("  station {}: {} rows, {state}", c.station, c.rows);
+                    }
+                }
+                match chains.iter().find_map(|c| c.problems.first()) {
+                    Some(p) => bail!("ledger verify: {p}"),
+                    None => Ok(()),
+                }
+            }
         },
         Command::Ledger { command: LedgerCommand::Sync { from, to, station_id, json } } => {
             let LedgerTarget::Postgres(url) = &to else {

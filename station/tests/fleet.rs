@@ -415,6 +415,10 @@ fn three_stations_on_one_database_record_each_of_300_cards_once() {
     assert_eq!(unnamed, 0);
     let batches: i64 = c.query_one("SELECT COUNT(DISTINCT station_id) FROM batches", &[]).expect("q").get(0);
     assert_eq!(batches, 3);
+    // One intact audit chain per station.
+    let o = station(&["ledger", "verify", "--ledger", &url]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("3 station audit chain(s)"), "{}", text(&o));
 }
 
 /// The demo profile without bundles, with its paths made absolute.
@@ -668,8 +672,21 @@ fn ledger_sync_copies_a_sqlite_ledger_once_and_export_and_report_read_postgres()
     assert!(o.status.success(), "{}", text(&o));
     let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
     assert!(md.contains("old-batch"), "{md}");
-    // No audit log on PostgreSQL: verify says so instead of passing.
+    // Each station's ops form a hash chain on PostgreSQL; an edit shows.
     let o = station(&["ledger", "verify", "--ledger", &url]);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("keeps no audit log"), "{}", text(&o));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("station st-new: 3 rows, intact"), "{}", text(&o));
+    let mut c = db.client();
+    c.execute(
+        "UPDATE audit SET detail = replace(detail, 'ready_for_pairing', 'bundled') \
+         WHERE station_id = 'st-new' AND kind = 'card_pass'",
+        &[],
+    )
+    .expect("tamper");
+    let o = station(&["ledger", "verify", "--ledger", &url]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("station st-new: seq 3: edited"), "{}", text(&o));
+    c.execute("DELETE FROM audit WHERE station_id = 'st-new' AND station_seq = 2", &[]).expect("delete");
+    let o = station(&["ledger", "verify", "--ledger", &url]);
+    assert!(text(&o).contains("station st-new: seq 2 is missing"), "{}", text(&o));
 }

@@ -129,6 +129,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
         reply TEXT NOT NULL,
         at TEXT NOT NULL
     );
+    ALTER TABLE audit ADD COLUMN station_id TEXT;
+    ALTER TABLE audit ADD COLUMN station_seq BIGINT;
+    CREATE UNIQUE INDEX audit_by_station ON audit(station_id, station_seq);
     ",
 ];
 
@@ -511,6 +514,153 @@ fn apply(tx: &mut Transaction<'_>, op: &Op, ts: &str, station: &str) -> Result<R
     }
 }
 
+/// The audit row's kind, card, step and batch for an op.
+fn audit_fields(op: &Op) -> (&'static str, Option<String>, Option<String>, Option<i64>) {
+    match op {
+        Op::StartBatch(_) => ("batch_start", None, None, None),
+        Op::FinishBatch { batch, .. } => ("batch_finish", None, None, Some(*batch)),
+        Op::BeginCard { card, batch, .. } => ("card_begin", Some(card.to_hex()), None, Some(*batch)),
+        Op::Step { card, step, event, .. } => {
+            let kind = match event {
+                StepEvent::Intent => "step_intent",
+                StepEvent::Done => "step_done",
+                StepEvent::Failed => "step_failed",
+                StepEvent::Refused => "step_refused",
+            };
+            (kind, Some(card.to_hex()), Some(step.clone()), None)
+        }
+        Op::StepDone { card, step, .. } => ("step_done", Some(card.to_hex()), Some(step.clone()), None),
+        Op::Pass { card, .. } => ("card_pass", Some(card.to_hex()), Some("record".into()), None),
+        Op::Ready { card, .. } => ("card_ready", Some(card.to_hex()), Some("record".into()), None),
+        Op::Fail { card, step, .. } => ("card_fail", Some(card.to_hex()), Some(step.clone()), None),
+        Op::BundleStart { batch, .. } => ("bundle_start", None, None, Some(*batch)),
+        Op::BundleSealed { .. } => ("bundle_sealed", None, None, None),
+        Op::BundleAborted { .. } => ("bundle_aborted", None, None, None),
+        Op::Many(ops) => ops.last().map_or(("many", None, None, None), audit_fields),
+    }
+}
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Appends the op's row to this station's audit chain (in the op's
+/// savepoint): detail = the op and its reply as JSON (no key material: the
+/// audit key is never serialized), hashed like the SQLite log's rows with
+/// the station's own sequence number.
+fn append_audit(
+    tx: &mut Transaction<'_>,
+    station: &str,
+    op: &Op,
+    reply: &Reply,
+    ts: &str,
+) -> Result<(), postgres::Error> {
+    let last = tx.query_opt(
+        "SELECT station_seq, hash FROM audit WHERE station_id = $1 ORDER BY station_seq DESC LIMIT 1",
+        &[&station],
+    )?;
+    let (seq, prev_hash) = last.map_or((1, GENESIS.to_string()), |r| (r.get::<_, i64>(0) + 1, r.get(1)));
+    let (kind, card_id, step, batch_id) = audit_fields(op);
+    let batch_id = match (op, reply) {
+        (Op::StartBatch(_), Reply::Id(id)) => Some(*id),
+        _ => batch_id,
+    };
+    let detail = serde_json::json!({ "op": op, "reply": reply }).to_string();
+    let mut row = super::audit::AuditRow {
+        seq,
+        batch_id,
+        at: ts.to_string(),
+        kind: kind.to_string(),
+        card_id,
+        step,
+        detail,
+        prev_hash,
+        hash: String::new(),
+    };
+    row.hash = row.compute_hash();
+    tx.execute(
+        "INSERT INTO audit (batch_id, at, kind, card_id, step, detail, prev_hash, hash, station_id, station_seq)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        &[
+            &row.batch_id,
+            &row.at,
+            &row.kind,
+            &row.card_id,
+            &row.step,
+            &row.detail,
+            &row.prev_hash,
+            &row.hash,
+            &station,
+            &row.seq,
+        ],
+    )?;
+    Ok(())
+}
+
+/// One station's audit chain on PostgreSQL, as checked.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChainReport {
+    pub station: String,
+    pub rows: usize,
+    /// What is wrong, first problem first (empty when intact).
+    pub problems: Vec<String>,
+}
+
+/// Checks every station's audit chain: sequence numbers dense from 1, each
+/// row's hash from its content, each `prev_hash` the row before's. The
+/// tables are not compared with the log and there are no signed heads on
+/// PostgreSQL (docs/ledger.md).
+pub fn verify_chains(url: &str) -> Result<Vec<ChainReport>, LedgerError> {
+    let mut client = open_client(url)?;
+    let shown = super::target::redact(url);
+    let err = |e: postgres::Error| LedgerError::Postgres { target: shown.clone(), detail: describe(&e) };
+    let rows = client
+        .query(
+            "SELECT station_id, station_seq, batch_id, at, kind, card_id, step, detail, prev_hash, hash
+             FROM audit WHERE station_id IS NOT NULL ORDER BY station_id, station_seq",
+            &[],
+        )
+        .map_err(err)?;
+    let mut reports: Vec<ChainReport> = Vec::new();
+    let mut prev = GENESIS.to_string();
+    for r in &rows {
+        let station: String = r.get(0);
+        if reports.last().is_none_or(|c| c.station != station) {
+            reports.push(ChainReport { station: station.clone(), rows: 0, problems: Vec::new() });
+            prev = GENESIS.to_string();
+        }
+        let Some(report) = reports.last_mut() else { continue };
+        report.rows += 1;
+        if !report.problems.is_empty() {
+            // The first problem is the one to look at; the rest follow from it.
+            continue;
+        }
+        let row = super::audit::AuditRow {
+            seq: r.get(1),
+            batch_id: r.get(2),
+            at: r.get(3),
+            kind: r.get(4),
+            card_id: r.get(5),
+            step: r.get(6),
+            detail: r.get(7),
+            prev_hash: r.get(8),
+            hash: r.get(9),
+        };
+        let expected_seq = report.rows as i64;
+        if row.seq != expected_seq {
+            report.problems.push(format!("station {station}: seq {expected_seq} is missing (next is {})", row.seq));
+        } else if row.prev_hash != prev {
+            report
+                .problems
+                .push(format!("station {station}: seq {}: prev_hash is not the hash of the row before", row.seq));
+        } else if row.compute_hash() != row.hash {
+            report
+                .problems
+                .push(format!("station {station}: seq {}: edited (its hash does not match its content)", row.seq));
+        }
+        prev = row.hash;
+    }
+    Ok(reports)
+}
+
 /// A stored result: the reply, or the refusal's words.
 fn encode(r: &Result<Reply, String>) -> String {
     let v = match r {
@@ -556,6 +706,7 @@ fn apply_one(
     }
     let result = match r {
         Ok(reply) => {
+            append_audit(&mut sp, station, op, &reply, ts)?;
             let ok = Ok(reply);
             sp.execute(
                 "INSERT INTO ops (op_id, station_id, reply, at) VALUES ($1, $2, $3, $4)",
