@@ -361,6 +361,7 @@ fn three_stations_on_one_database_record_each_of_300_cards_once() {
     let url = db.url();
     let stations: Vec<Daemon> =
         (0..3).map(|i| Daemon::start(&format!("st-{}", i + 1), &url, 100 + i as u64, 4, 0.0)).collect();
+    let started = Instant::now();
     for s in &stations {
         s.start_batch("line", 100);
     }
@@ -377,9 +378,17 @@ fn three_stations_on_one_database_record_each_of_300_cards_once() {
             s.id.clone(),
             sample(&m, "tapline_bundles_total", &[&station_label, r#"outcome="sealed""#]) as usize,
         );
+        // A figure, not a goal: the mean ledger write (request to commit)
+        // with three stations on one database.
+        let (sum, count) = (
+            sample(&m, "tapline_ledger_write_seconds_sum", &[&station_label]),
+            sample(&m, "tapline_ledger_write_seconds_count", &[&station_label]),
+        );
+        println!("{}: {count} ledger writes, mean {:.2} ms", s.id, 1000.0 * sum / count.max(1.0));
         assert_eq!(sample(&m, "tapline_ledger_online", &[&station_label]), 1.0, "{m}");
         assert_eq!(sample(&m, "tapline_ledger_outbox_ops", &[&station_label]), 0.0, "{m}");
     }
+    println!("3 stations x 100 cards (card speed 0, 4 readers each): {:.1} s", started.elapsed().as_secs_f64());
     let doc = export(&url);
     let cards = strs(&doc, "cards");
     assert_eq!(cards.len(), 300, "every card recorded, once");
