@@ -51,6 +51,14 @@ impl Live {
         *self.profile.lock().unwrap_or_else(PoisonError::into_inner) = Arc::from(name);
     }
 
+    /// The shared ledger's link changed (PostgreSQL): metrics, the model's
+    /// header line and an event.
+    pub fn set_ledger_link(&self, online: bool, outbox_ops: u64) {
+        self.metrics.set_ledger_status(online, outbox_ops);
+        self.model().set_ledger(crate::state::LedgerLink { online, outbox_ops }, SystemTime::now());
+        self.publish();
+    }
+
     /// Takes one event into the model and the metrics.
     pub fn on_event(&self, ev: &Event) {
         let profile = Arc::clone(&self.profile.lock().unwrap_or_else(PoisonError::into_inner));

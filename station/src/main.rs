@@ -17,7 +17,7 @@ use station::firmware::{self, Firmware};
 use station::gp_tool;
 use station::handler::{CardHandler, EmuFeeder, ManualHandler, RigFeeder};
 use station::http::{Api, Server};
-use station::ledger::{BatchInfo, Ledger, export};
+use station::ledger::{BatchInfo, Ledger, LedgerTarget, OpenOptions, export};
 use station::live::Live;
 use station::profile::Profile;
 use station::recipe::{Progress, Recipe};
@@ -62,8 +62,9 @@ enum Command {
     /// Write a batch's report folder (report.md, report.html with charts, the
     /// batch's ledger export) from the ledger.
     Report {
-        #[arg(long, default_value = "tapline-ledger.db")]
-        ledger: PathBuf,
+        /// The ledger: a SQLite file or a postgres:// URL.
+        #[arg(long, default_value = "tapline-ledger.db", value_parser = LedgerTarget::parse)]
+        ledger: LedgerTarget,
         /// The batch's name, or its id (`batches.id`).
         #[arg(long, value_name = "ID_OR_NAME")]
         batch: String,
@@ -287,9 +288,15 @@ struct RunArgs {
     /// Emulated card speed: 1.0 = realistic latency, 0 = instant.
     #[arg(long, default_value_t = 1.0, value_name = "F")]
     card_speed: f64,
-    /// The SQLite ledger file.
-    #[arg(long, default_value = "tapline-ledger.db")]
-    ledger: PathBuf,
+    /// The ledger: a SQLite file, or postgres://USER@HOST/DB for a line of
+    /// stations on one database (default: the profile's `ledger`, else
+    /// tapline-ledger.db).
+    #[arg(long, value_parser = LedgerTarget::parse)]
+    ledger: Option<LedgerTarget>,
+    /// With a PostgreSQL ledger: the local outbox that keeps ops while the
+    /// database is unreachable (default tapline-outbox-<station id>.db).
+    #[arg(long, value_name = "FILE")]
+    outbox: Option<PathBuf>,
     /// Plain progress lines instead of the terminal dashboard.
     #[arg(long)]
     headless: bool,
@@ -313,7 +320,8 @@ struct RunArgs {
     /// The API token: env:NAME or file:PATH (required on every /api/ request).
     #[arg(long, value_name = "SOURCE")]
     token: Option<String>,
-    /// The station id on metrics and the dashboard (default: the host name).
+    /// The station id on every ledger record, metrics and the dashboard
+    /// (default: the profile's `station_id`, else the host name).
     #[arg(long, value_name = "ID")]
     station_id: Option<String>,
 }
@@ -322,8 +330,9 @@ struct RunArgs {
 enum LedgerCommand {
     /// Export cards and bundles.
     Export {
-        #[arg(long, default_value = "tapline-ledger.db")]
-        ledger: PathBuf,
+        /// The ledger: a SQLite file or a postgres:// URL.
+        #[arg(long, default_value = "tapline-ledger.db", value_parser = LedgerTarget::parse)]
+        ledger: LedgerTarget,
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
         /// Write here instead of standard output.
@@ -334,12 +343,30 @@ enum LedgerCommand {
     /// that the cards, bundles, batches and steps are what the log says.
     /// Exits non-zero naming the first bad row.
     Verify {
-        #[arg(long, default_value = "tapline-ledger.db")]
-        ledger: PathBuf,
+        /// The ledger: a SQLite file (PostgreSQL ledgers keep no audit log:
+        /// docs/ledger.md).
+        #[arg(long, default_value = "tapline-ledger.db", value_parser = LedgerTarget::parse)]
+        ledger: LedgerTarget,
         /// The station's audit public key (hex, or a file holding it) that
         /// heads must be signed with.
         #[arg(long, value_name = "HEX_OR_FILE")]
         public_key: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a station's SQLite ledger into a PostgreSQL ledger. Idempotent:
+    /// what is already there is left alone, so a second run adds nothing.
+    Sync {
+        /// The station's SQLite ledger file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The PostgreSQL ledger, postgres://USER@HOST/DB.
+        #[arg(long, value_parser = LedgerTarget::parse)]
+        to: LedgerTarget,
+        /// Station id for rows written before ledgers had one (default: the
+        /// host name).
+        #[arg(long, value_name = "ID")]
+        station_id: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -471,7 +498,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Daemon { config, drain_timeout } => run_daemon(&config, Duration::from_secs(drain_timeout)),
         Command::Ledger { command: LedgerCommand::Export { ledger, format, out } } => {
-            let doc = export::export(&ledger)?;
+            let copy = ledger.readable()?;
+            let doc = export::export(copy.path())?;
             let text = match format {
                 Format::Json => serde_json::to_string_pretty(&doc)? + "\n",
                 Format::Csv => export::cards_csv(&doc),
@@ -482,8 +510,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Ledger { command: LedgerCommand::Verify { ledger, public_key, json } } => {
-            verify_command(&ledger, public_key.as_deref(), json)
+        Command::Ledger { command: LedgerCommand::Verify { ledger, public_key, json } } => match &ledger {
+            LedgerTarget::Sqlite(path) => verify_command(path, public_key.as_deref(), json),
+            LedgerTarget::Postgres(url) => {
+                if public_key.is_some() {
+                    bail!("ledger verify {ledger}: PostgreSQL audit chains have no signed heads; drop --public-key");
+                }
+                let chains = station::ledger::pg::verify_chains(url)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&chains)?);
+                } else {
+                    println!(
+                        "ledger {ledger}: {} station audit chain(s); no signed heads and no table check on PostgreSQL \
+                         (docs/ledger.md)",
+                        chains.len()
+                    );
+                    for c in &chains {
+                        let state = if c.problems.is_empty() { "intact" } else { "BROKEN" };
+                        println!("  station {}: {} rows, {state}", c.station, c.rows);
+                    }
+                }
+                match chains.iter().find_map(|c| c.problems.first()) {
+                    Some(p) => bail!("ledger verify: {p}"),
+                    None => Ok(()),
+                }
+            }
+        },
+        Command::Ledger { command: LedgerCommand::Sync { from, to, station_id, json } } => {
+            let LedgerTarget::Postgres(url) = &to else {
+                bail!("ledger sync --to {to}: give a postgres:// URL");
+            };
+            let station_id = station_id.unwrap_or_else(host_name);
+            let r = station::ledger::sync::sync(&from, url, &station_id)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "ledger sync {} -> {to}: {} cards added ({} steps), {} already there, {} batches and {} bundles added",
+                    from.display(),
+                    r.cards_added,
+                    r.steps_added,
+                    r.cards_present,
+                    r.batches_added,
+                    r.bundles_added
+                );
+                for c in &r.conflicts {
+                    println!("  not copied: {c}");
+                }
+            }
+            if !r.conflicts.is_empty() {
+                bail!("{} card(s) not copied (serial conflicts)", r.conflicts.len());
+            }
+            Ok(())
         }
         Command::Report { ledger, batch, out } => report_command(&ledger, &batch, out),
         Command::Firmware { command } => firmware_command(command),
@@ -567,7 +645,9 @@ fn verify_command(ledger: &Path, public_key: Option<&str>, json: bool) -> anyhow
     }
 }
 
-fn report_command(ledger: &Path, batch: &str, out: Option<PathBuf>) -> anyhow::Result<()> {
+fn report_command(ledger: &LedgerTarget, batch: &str, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let copy = ledger.readable()?;
+    let ledger = copy.path();
     let dir = match out {
         Some(d) => d,
         None => PathBuf::from("reports").join(station::ledger::read::find_batch(ledger, batch)?.name),
@@ -820,12 +900,25 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     }
     let profile = Arc::new(Profile::load(&args.profile)?);
     let fw = Arc::new(Firmware::load(&profile.firmware_dir, &profile.release_keys)?);
-    let (ledger, writer) = Ledger::open(&args.ledger)?;
-    let station_id = args.station_id.clone().unwrap_or_else(host_name);
+    let station_id = args.station_id.clone().or_else(|| profile.station_id.clone()).unwrap_or_else(host_name);
+    let target = match (&args.ledger, &profile.ledger) {
+        (Some(t), _) => t.clone(),
+        (None, Some(t)) => t.clone(),
+        (None, None) => LedgerTarget::Sqlite(PathBuf::from("tapline-ledger.db")),
+    };
+    let (ledger, writer) = Ledger::open_with(&OpenOptions {
+        target: target.clone(),
+        station_id: station_id.clone(),
+        outbox: args.outbox.clone(),
+    })?;
     let live = Live::new(&station_id);
     {
         let live = Arc::clone(&live);
         ledger.observe_writes(Arc::new(move |d| live.metrics().observe_ledger_write(d)));
+    }
+    if matches!(target, LedgerTarget::Postgres(_)) {
+        let live = Arc::clone(&live);
+        ledger.observe_status(Arc::new(move |s| live.set_ledger_link(s.online, s.outbox_ops)));
     }
     let name = args.batch.clone().unwrap_or_else(batch::default_name);
     let batch_id = ledger.start_batch(BatchInfo {
@@ -931,7 +1024,7 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
         "batch {name}: {} cards on {line}{}; ledger {}",
         args.cards,
         if faults.rates.is_empty() { String::new() } else { format!(", faults {faults}") },
-        args.ledger.display()
+        target
     );
     if let Some(s) = &server {
         println!("metrics and API on http://{}", s.addr);
@@ -969,8 +1062,9 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
     ledger.finish_batch(batch_id, profile.audit_key.as_ref())?;
     drop(ledger);
     writer.close();
-    print_summary(&summary, &args.ledger, &report_dir, profile.bundles.is_some());
-    match station::report::write_batch_report(&args.ledger, &name, &report_dir) {
+    print_summary(&summary, &target.where_(), &report_dir, profile.bundles.is_some());
+    let copy = target.readable()?;
+    match station::report::write_batch_report(copy.path(), &name, &report_dir) {
         Ok(files) => println!("  batch report:     {}", files.html.display()),
         Err(e) => eprintln!("station: cannot write the batch report: {e}"),
     }

@@ -111,6 +111,8 @@ pub struct Metrics {
     readers: Family<StateLabels, Gauge>,
     bundles: Family<OutcomeLabels, Counter>,
     ledger_write: Histogram,
+    ledger_online: Gauge,
+    ledger_outbox: Gauge,
 }
 
 impl Metrics {
@@ -127,6 +129,9 @@ impl Metrics {
         let bundles = Family::<OutcomeLabels, Counter>::default();
         let ledger_write = Histogram::new(LEDGER_BUCKETS);
         let build_info = Family::<VersionLabels, Gauge>::default();
+        let ledger_online = Gauge::default();
+        ledger_online.set(1);
+        let ledger_outbox = Gauge::default();
 
         // Series that exist from the start (a dashboard shows 0, not "no
         // data", and rate() sees the first increase).
@@ -171,6 +176,16 @@ impl Metrics {
             "Time of one ledger write, from request to durable commit",
             ledger_write.clone(),
         );
+        registry.register(
+            "ledger_online",
+            "1 while the ledger database is reachable, 0 while ops go to the local outbox (always 1 on SQLite)",
+            ledger_online.clone(),
+        );
+        registry.register(
+            "ledger_outbox_ops",
+            "Ledger ops waiting in the local outbox for the database (PostgreSQL ledger)",
+            ledger_outbox.clone(),
+        );
         registry.register("build_info", "The station's version; always 1", build_info);
 
         Self {
@@ -185,6 +200,8 @@ impl Metrics {
             readers,
             bundles,
             ledger_write,
+            ledger_online,
+            ledger_outbox,
         }
     }
 
@@ -262,6 +279,12 @@ impl Metrics {
         for (state, n) in counts {
             self.readers.get_or_create(&StateLabels { state }).set(n);
         }
+    }
+
+    /// Whether the ledger database is reachable and the outbox's length.
+    pub fn set_ledger_status(&self, online: bool, outbox_ops: u64) {
+        self.ledger_online.set(i64::from(online));
+        self.ledger_outbox.set(outbox_ops as i64);
     }
 
     /// One ledger write, request to durable commit.
@@ -445,6 +468,11 @@ mod tests {
         assert_eq!(sample(&t, "tapline_ledger_write_seconds_bucket", &[r#"le="0.001""#]), 0.0);
         assert_eq!(sample(&t, "tapline_ledger_write_seconds_bucket", &[r#"le="0.0025""#]), 1.0);
         assert_eq!(sample(&t, "tapline_build_info", &[&format!(r#"version="{}""#, env!("CARGO_PKG_VERSION"))]), 1.0);
+        assert_eq!(sample(&t, "tapline_ledger_online", &[]), 1.0, "online until told otherwise");
+        m.set_ledger_status(false, 7);
+        let t = m.encode();
+        assert_eq!(sample(&t, "tapline_ledger_online", &[]), 0.0);
+        assert_eq!(sample(&t, "tapline_ledger_outbox_ops", &[]), 7.0);
     }
 
     #[test]
@@ -521,6 +549,7 @@ mod tests {
             events: vec![],
             profiles: vec![],
             config_error: None,
+            ledger: None,
         };
         let m = Metrics::new("st-1");
         m.set_readers(&snap(vec![lane(LaneShow::Working), lane(LaneShow::Working), lane(LaneShow::ReaderError)]));

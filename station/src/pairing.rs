@@ -223,7 +223,7 @@ fn release(setup: &Setup, w: Waiting) {
     let c = &w.card;
     let verdict = match setup.bundles.unpaired {
         Unpaired::Pass => match setup.ledger.pass(c.card_id, c.attempt, "unpaired") {
-            Ok(serial) => Ok(Passed { serial: Some(serial), stage: "unpaired".into(), bundle: None, role: None }),
+            Ok(serial) => Ok(Passed { serial, stage: "unpaired".into(), bundle: None, role: None }),
             Err(e) => Err(Failure {
                 step: Step::Pairing,
                 reason: "ledger refused".into(),

@@ -78,6 +78,14 @@ struct RawProfile {
     /// `file:PATH`; it signs each batch's audit head.
     #[serde(default)]
     audit_key: Option<Spanned<String>>,
+    /// The station's id on every ledger record and metric (default: the
+    /// host name; `--station-id` wins).
+    #[serde(default)]
+    station_id: Option<Spanned<String>>,
+    /// The ledger: a SQLite file (relative to this file) or a postgres://
+    /// URL (`--ledger` wins).
+    #[serde(default)]
+    ledger: Option<Spanned<String>>,
 }
 
 /// Which PC/SC readers the station takes, by name pattern (`*`, `?`).
@@ -331,6 +339,10 @@ pub struct Profile {
     pub sharing: card::transport::pcsc::Sharing,
     /// Signs each batch's audit head; `None` leaves heads unsigned.
     pub audit_key: Option<crate::ledger::AuditKey>,
+    /// The station id, when the profile names one.
+    pub station_id: Option<String>,
+    /// The ledger, when the profile names one.
+    pub ledger: Option<crate::ledger::LedgerTarget>,
 }
 
 /// The profile's revocation list (`attestation.revoked`): vendor CAs by key
@@ -722,6 +734,22 @@ impl Validator {
         if raw.retries.card.value > 5 {
             self.problem(&raw.retries.card, "retries.card", "at most 5");
         }
+        let station_id = raw.station_id.as_ref().and_then(|v| {
+            let id = v.value.trim();
+            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+                self.problem(v, "station_id", "must be non-empty letters, digits, '-', '_' or '.'");
+                return None;
+            }
+            Some(id.to_string())
+        });
+        let ledger = raw.ledger.as_ref().and_then(|v| match crate::ledger::LedgerTarget::parse(&v.value) {
+            Ok(crate::ledger::LedgerTarget::Sqlite(p)) => Some(crate::ledger::LedgerTarget::Sqlite(self.base.join(p))),
+            Ok(t) => Some(t),
+            Err(detail) => {
+                self.problem(v, "ledger", detail);
+                None
+            }
+        });
         if !self.problems.is_empty() {
             return None;
         }
@@ -752,6 +780,8 @@ impl Validator {
             readers: card::transport::pcsc::ReaderFilter::new(raw.readers.include, raw.readers.exclude),
             sharing,
             audit_key,
+            station_id,
+            ledger,
         })
     }
 }
@@ -768,6 +798,19 @@ mod tests {
     fn problems(text: &str) -> Vec<Problem> {
         let (_, path) = demo_text();
         Profile::parse(text, &path).expect_err("should be refused").problems
+    }
+
+    #[test]
+    fn station_id_and_ledger_keys() {
+        let (text, path) = demo_text();
+        let p = Profile::parse(&format!("{text}\nstation_id: st-7\nledger: line.db\n"), &path).expect("valid");
+        assert_eq!(p.station_id.as_deref(), Some("st-7"));
+        let base = path.parent().expect("dir").join("line.db");
+        assert_eq!(p.ledger, Some(crate::ledger::LedgerTarget::Sqlite(base)), "relative to the profile");
+        let p = Profile::parse(&format!("{text}\nledger: postgres://db/line\n"), &path).expect("valid");
+        assert!(matches!(p.ledger, Some(crate::ledger::LedgerTarget::Postgres(_))));
+        let bad = problems(&format!("{text}\nstation_id: 'two words'\n"));
+        assert!(bad.iter().any(|p| p.field == "station_id"), "{bad:?}");
     }
 
     #[test]

@@ -489,8 +489,26 @@ impl Recipe {
             }
         };
         let atr = hex::encode_upper(&t.atr().0);
-        let prior =
-            self.ledger.begin_card(card_id, reader.as_str(), self.batch_id, &atr, &hex::encode_upper(cplc.encode()))?;
+        let prior = match self.ledger.begin_card(
+            card_id,
+            reader.as_str(),
+            self.batch_id,
+            &atr,
+            &hex::encode_upper(cplc.encode()),
+        ) {
+            // Another station of the line has this card in progress (the
+            // same identity on two readers at once): refused here, its
+            // record untouched and nothing journaled against it.
+            Err(crate::ledger::LedgerError::Held { card, station }) => {
+                let reason = format!("in progress at station {station}");
+                let detail = crate::ledger::LedgerError::Held { card, station }.to_string();
+                tracing::warn!(reason = %reason, detail = %detail, "card refused at identify");
+                outcome.result = Err(Failure::new(Step::Identify, reason, detail, false));
+                outcome.elapsed = started.elapsed();
+                return Ok(outcome);
+            }
+            r => r?,
+        };
         if let Some(p) = prior.as_ref().filter(|p| p.status == CardStatus::Passed) {
             // The record of a passed card is never changed. The card must
             // prove it is the card recorded: same card, or a clone.
@@ -792,7 +810,7 @@ impl Recipe {
             return Ok(Ok((ready, Some(Box::new(card)))));
         }
         let serial = a.ledger.pass_after(a.take_done(), a.card, a.attempt, STAGE_READY)?;
-        Ok(Ok((Passed { serial: Some(serial), ..ready }, None)))
+        Ok(Ok((Passed { serial, ..ready }, None)))
     }
 
     /// Makes sure exactly the manifest's package and instances are on the

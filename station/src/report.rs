@@ -980,6 +980,7 @@ mod tests {
             wallet_pubkey: None,
             first_seen: "2026-11-24T10:00:00.000Z".into(),
             updated_at: at.into(),
+            station_id: None,
         }
     }
 

@@ -43,6 +43,18 @@ pub struct Snapshot {
     /// A configuration problem the operator must see (a profile reload that
     /// failed: the last good configuration stays in use).
     pub config_error: Option<String>,
+    /// The ledger's database (PostgreSQL): reachable or not, and ops waiting
+    /// in the outbox. None on a SQLite ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<LedgerLink>,
+}
+
+/// Whether the shared ledger database is reachable (`docs/ledger.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerLink {
+    pub online: bool,
+    /// Ops kept in the local outbox until the database takes them.
+    pub outbox_ops: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,6 +261,7 @@ pub struct StateModel {
     events: VecDeque<EventLine>,
     profiles: Vec<String>,
     config_error: Option<String>,
+    ledger: Option<LedgerLink>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -269,6 +282,7 @@ impl StateModel {
             events: VecDeque::new(),
             profiles: Vec::new(),
             config_error: None,
+            ledger: None,
         }
     }
 
@@ -290,6 +304,17 @@ impl StateModel {
             self.log(at, Level::Error, None, format!("configuration: {e}"));
         }
         self.config_error = error;
+    }
+
+    /// The shared ledger's link (PostgreSQL backends only).
+    pub fn set_ledger(&mut self, link: LedgerLink, at: SystemTime) {
+        let was_online = self.ledger.is_none_or(|l| l.online);
+        if was_online && !link.online {
+            self.log(at, Level::Warn, None, "ledger offline: provisioning into the local outbox");
+        } else if !was_online && link.online {
+            self.log(at, Level::Info, None, format!("ledger online again: draining {} queued ops", link.outbox_ops));
+        }
+        self.ledger = Some(link);
     }
 
     /// Readers known before any event (so idle lanes show).
@@ -561,6 +586,7 @@ impl StateModel {
             events: self.events.iter().cloned().collect(),
             profiles: self.profiles.clone(),
             config_error: self.config_error.clone(),
+            ledger: self.ledger,
         }
     }
 

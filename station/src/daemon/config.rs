@@ -39,6 +39,10 @@ struct RawConfig {
     #[serde(default)]
     token: Option<Spanned<String>>,
     ledger: Spanned<String>,
+    /// PostgreSQL ledger: the local outbox file (default
+    /// tapline-outbox-<station id>.db next to this file).
+    #[serde(default)]
+    outbox: Option<Spanned<String>>,
     #[serde(default)]
     reports: Option<Spanned<String>>,
     readers: RawReaders,
@@ -104,7 +108,10 @@ pub struct DaemonConfig {
     /// Required on every `/api/` request when set; required when `listen`
     /// is not loopback.
     pub token: Option<Zeroizing<String>>,
-    pub ledger: PathBuf,
+    /// A SQLite file (relative to the config) or a postgres:// URL.
+    pub ledger: crate::ledger::LedgerTarget,
+    /// The outbox of a PostgreSQL ledger.
+    pub outbox: PathBuf,
     pub reports: PathBuf,
     pub readers: ReaderSource,
     /// Profile name -> file.
@@ -119,6 +126,7 @@ impl fmt::Debug for DaemonConfig {
             .field("listen", &self.listen)
             .field("token", &self.token.as_ref().map(|_| "(set)"))
             .field("ledger", &self.ledger)
+            .field("outbox", &self.outbox)
             .field("reports", &self.reports)
             .field("readers", &self.readers)
             .field("profiles", &self.profiles)
@@ -269,11 +277,29 @@ impl DaemonConfig {
             problem(l, c, "profiles", "name at least one profile".into());
         }
         let reports = base.join(raw.reports.as_ref().map_or("reports", |r| r.value.as_str()));
-        let ledger = base.join(&raw.ledger.value);
-        match (problems.is_empty(), listen, readers) {
-            (true, Some(listen), Some(readers)) => {
-                Ok(Self { file: path.to_path_buf(), station_id, listen, token, ledger, reports, readers, profiles })
+        let ledger = match crate::ledger::LedgerTarget::parse(&raw.ledger.value) {
+            Ok(crate::ledger::LedgerTarget::Sqlite(p)) => Some(crate::ledger::LedgerTarget::Sqlite(base.join(p))),
+            Ok(t) => Some(t),
+            Err(detail) => {
+                let (l, c) = at!(raw.ledger);
+                problem(l, c, "ledger", detail);
+                None
             }
+        };
+        let outbox = base
+            .join(raw.outbox.as_ref().map_or_else(|| format!("tapline-outbox-{station_id}.db"), |o| o.value.clone()));
+        match (problems.is_empty(), listen, readers, ledger) {
+            (true, Some(listen), Some(readers), Some(ledger)) => Ok(Self {
+                file: path.to_path_buf(),
+                station_id,
+                listen,
+                token,
+                ledger,
+                outbox,
+                reports,
+                readers,
+                profiles,
+            }),
             _ => Err(ConfigError { file: path.to_path_buf(), problems }),
         }
     }
@@ -314,6 +340,22 @@ mod tests {
         assert!(c.token.is_none());
         assert!(matches!(c.readers, ReaderSource::Sim { readers: 4, .. }));
         assert!(c.reports.ends_with("reports"));
+    }
+
+    #[test]
+    fn a_postgres_ledger_gets_an_outbox_and_a_bad_url_names_the_field() {
+        let c = parse(
+            "station_id: st-2\nledger: postgres://tap:pw-secret@db/line\nreaders: {sim: {readers: 1}}\nprofiles: {demo: tapline-cfg-test-profile.yaml}\n",
+        )
+        .expect("valid");
+        assert!(matches!(c.ledger, crate::ledger::LedgerTarget::Postgres(_)));
+        assert!(c.outbox.ends_with("tapline-outbox-st-2.db"), "{}", c.outbox.display());
+        assert!(!format!("{c:?}").contains("pw-secret"), "the password never shows");
+        let e = parse(
+            "station_id: st-2\nledger: postgres://db:port/line\nreaders: {sim: {readers: 1}}\nprofiles: {demo: tapline-cfg-test-profile.yaml}\n",
+        )
+        .expect_err("bad url");
+        assert!(e.to_string().contains("ledger"), "{e}");
     }
 
     #[test]

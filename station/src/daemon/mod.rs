@@ -109,10 +109,18 @@ impl Daemon {
     /// batch thread. Fails with a clear message when any of them is wrong.
     pub fn start(config: DaemonConfig, live: Arc<Live>) -> anyhow::Result<Running> {
         let profiles = load_profiles(&config).map_err(|e| anyhow::anyhow!(e))?;
-        let (ledger, writer) = Ledger::open(&config.ledger)?;
+        let (ledger, writer) = Ledger::open_with(&crate::ledger::OpenOptions {
+            target: config.ledger.clone(),
+            station_id: config.station_id.clone(),
+            outbox: Some(config.outbox.clone()),
+        })?;
         {
             let live = Arc::clone(&live);
             ledger.observe_writes(Arc::new(move |d| live.metrics().observe_ledger_write(d)));
+        }
+        if matches!(config.ledger, crate::ledger::LedgerTarget::Postgres(_)) {
+            let live = Arc::clone(&live);
+            ledger.observe_status(Arc::new(move |s| live.set_ledger_link(s.online, s.outbox_ops)));
         }
         let (mut monitor, handler, feeder): Readers = match &config.readers {
             ReaderSource::Sim { readers, card_speed, faults, seed } => {
@@ -318,7 +326,12 @@ impl Daemon {
         {
             tracing::error!(dir = %report_dir.display(), error = %e, "cannot write the batch summary");
         }
-        match crate::report::write_batch_report(ledger.path(), &req.name, &report_dir) {
+        let written = ledger
+            .target()
+            .readable()
+            .map_err(crate::report::ReportError::from)
+            .and_then(|copy| crate::report::write_batch_report(copy.path(), &req.name, &report_dir));
+        match written {
             Ok(files) => {
                 tracing::info!(report = %files.html.display(), "batch report written");
                 self.live.model().log(

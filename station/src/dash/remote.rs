@@ -103,6 +103,7 @@ pub fn placeholder(addr: &str) -> Snapshot {
         events: Vec::new(),
         profiles: Vec::new(),
         config_error: None,
+        ledger: None,
     }
 }
 

@@ -100,6 +100,14 @@ fn header_line<'a>(snap: &'a Snapshot, ui: &UiState) -> Line<'a> {
         let state = if b.finished { ", finished" } else { "" };
         spans.push(Span::styled(format!(" batch {} ({}{state}) ", b.name, b.profile), plain));
     }
+    if let Some(l) = snap.ledger.filter(|l| !l.online || l.outbox_ops > 0) {
+        let (text, bg) = if l.online {
+            (format!(" ledger draining {} ", l.outbox_ops), Color::Yellow)
+        } else {
+            (format!(" LEDGER OFFLINE: {} ops in outbox ", l.outbox_ops), Color::Red)
+        };
+        spans.push(Span::styled(text, Style::new().fg(Color::Black).bg(bg).add_modifier(Modifier::BOLD)));
+    }
     spans.push(Span::styled(" ? help", plain.fg(Color::Gray)));
     Line::from(spans)
 }

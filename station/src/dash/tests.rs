@@ -95,6 +95,7 @@ fn running() -> Snapshot {
         events: events(),
         profiles: vec!["demo".into()],
         config_error: None,
+        ledger: None,
     }
 }
 

@@ -34,6 +34,10 @@ pub struct CardExport {
     pub wallet_pubkey: Option<String>,
     pub first_seen: String,
     pub updated_at: String,
+    /// The station that last worked on the card (None in rows from before
+    /// station ids).
+    #[serde(default)]
+    pub station_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -49,6 +53,12 @@ pub struct BundleExport {
     pub reason: Option<String>,
     pub created_at: String,
     pub sealed_at: Option<String>,
+    /// The station that formed the bundle.
+    #[serde(default)]
+    pub station_id: Option<String>,
+    /// The bundle's number on the line, allocated by the ledger.
+    #[serde(default)]
+    pub bundle_no: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -84,7 +94,8 @@ pub fn export(path: &Path) -> Result<Export, LedgerError> {
         .prepare(
             "SELECT card_id, status, stage, serial, reader, batch_id, attempts, failed_step, failure_reason,
                     failure_detail, retryable, firmware_sha256, gp_key_version, attested, attest_counter,
-                    card_public_key, ca_key_id, self_tests, bundle_id, role, wallet_pubkey, first_seen, updated_at
+                    card_public_key, ca_key_id, self_tests, bundle_id, role, wallet_pubkey, first_seen, updated_at,
+                    station_id
              FROM cards ORDER BY first_seen, card_id",
         )
         .map_err(sql)?;
@@ -114,6 +125,7 @@ pub fn export(path: &Path) -> Result<Export, LedgerError> {
                 wallet_pubkey: r.get(20)?,
                 first_seen: r.get(21)?,
                 updated_at: r.get(22)?,
+                station_id: r.get(23)?,
             })
         })
         .map_err(sql)?
@@ -121,7 +133,7 @@ pub fn export(path: &Path) -> Result<Export, LedgerError> {
         .map_err(sql)?;
     let mut stmt = conn
         .prepare(
-            "SELECT bundle_id, status, size, wallet_pubkey, batch_id, reason, created_at, sealed_at
+            "SELECT bundle_id, status, size, wallet_pubkey, batch_id, reason, created_at, sealed_at, station_id, bundle_no
              FROM bundles ORDER BY created_at, bundle_id",
         )
         .map_err(sql)?;
@@ -138,6 +150,8 @@ pub fn export(path: &Path) -> Result<Export, LedgerError> {
                 reason: r.get(5)?,
                 created_at: r.get(6)?,
                 sealed_at: r.get(7)?,
+                station_id: r.get(8)?,
+                bundle_no: r.get(9)?,
             })
         })
         .map_err(sql)?
@@ -195,7 +209,7 @@ pub fn cards_csv(export: &Export) -> String {
     let mut out = String::from(
         "card_id,status,stage,serial,reader,batch_id,attempts,failed_step,failure_reason,failure_detail,retryable,\
          firmware_sha256,gp_key_version,attested,attest_counter,card_public_key,ca_key_id,self_tests,bundle_id,role,\
-         wallet_pubkey,first_seen,updated_at\n",
+         wallet_pubkey,first_seen,updated_at,station_id\n",
     );
     for c in &export.cards {
         let row = [
@@ -222,6 +236,7 @@ pub fn cards_csv(export: &Export) -> String {
             opt(&c.wallet_pubkey),
             c.first_seen.clone(),
             c.updated_at.clone(),
+            opt(&c.station_id),
         ];
         out.push_str(&row.iter().map(|s| field(s)).collect::<Vec<_>>().join(","));
         out.push('\n');

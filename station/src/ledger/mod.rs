@@ -7,8 +7,12 @@
 
 pub mod audit;
 pub mod export;
+pub mod outbox;
+pub mod pg;
 pub mod read;
 mod schema;
+pub mod sync;
+mod target;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -18,9 +22,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use card::CardId;
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
 
 pub use audit::AuditKey;
 pub use schema::SCHEMA_VERSION;
+pub use target::{LedgerTarget, ReadCopy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -34,10 +40,15 @@ pub enum LedgerError {
     Refused { path: PathBuf, detail: String },
     #[error("ledger writer has stopped")]
     WriterGone,
+    #[error("ledger {target}: {detail}")]
+    Postgres { target: String, detail: String },
+    /// The card is in progress at another station of the line.
+    #[error("card {card} is in progress at station {station}: finish it there (or wait for its lease to run out)")]
+    Held { card: String, station: String },
 }
 
 /// A card's status as recorded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CardStatus {
     InProgress,
     Passed,
@@ -63,7 +74,7 @@ impl CardStatus {
 }
 
 /// What the ledger knew of a card when an attempt began.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PriorRecord {
     pub status: CardStatus,
     pub attempts: u32,
@@ -73,7 +84,7 @@ pub struct PriorRecord {
 }
 
 /// Columns a step may set on the card row (None = leave as is).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CardUpdate {
     pub gp_key_version: Option<u8>,
     pub firmware_sha256: Option<String>,
@@ -84,7 +95,7 @@ pub struct CardUpdate {
     pub self_tests: Option<bool>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StepEvent {
     Intent,
     Done,
@@ -104,7 +115,7 @@ impl StepEvent {
 }
 
 /// A new batch.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BatchInfo {
     pub name: String,
     pub profile: String,
@@ -113,13 +124,19 @@ pub struct BatchInfo {
     pub firmware_sha256: String,
 }
 
+/// One change to the ledger. Serializable so an op can wait in the
+/// PostgreSQL backend's outbox (`outbox.rs`) while the database is away;
+/// the audit key never goes there (heads are signed on SQLite only).
+#[derive(Debug, Serialize, Deserialize)]
 enum Op {
     StartBatch(BatchInfo),
     FinishBatch {
         batch: i64,
+        #[serde(skip)]
         key: Option<AuditKey>,
     },
     BeginCard {
+        #[serde(with = "card_hex")]
         card: CardId,
         reader: String,
         batch: i64,
@@ -127,33 +144,38 @@ enum Op {
         cplc: String,
     },
     Step {
+        #[serde(with = "card_hex")]
         card: CardId,
         attempt: u32,
-        step: &'static str,
+        step: String,
         event: StepEvent,
         detail: String,
         reader: String,
     },
     StepDone {
+        #[serde(with = "card_hex")]
         card: CardId,
         attempt: u32,
-        step: &'static str,
+        step: String,
         detail: String,
         update: CardUpdate,
     },
     Pass {
+        #[serde(with = "card_hex")]
         card: CardId,
         attempt: u32,
-        stage: &'static str,
+        stage: String,
     },
     Ready {
+        #[serde(with = "card_hex")]
         card: CardId,
         attempt: u32,
     },
     BundleStart {
         bundle: String,
         batch: i64,
-        members: Vec<(CardId, &'static str)>,
+        #[serde(with = "members_hex")]
+        members: Vec<(CardId, String)>,
     },
     BundleSealed {
         bundle: String,
@@ -164,9 +186,10 @@ enum Op {
         reason: String,
     },
     Fail {
+        #[serde(with = "card_hex")]
         card: CardId,
         attempt: u32,
-        step: &'static str,
+        step: String,
         reason: String,
         detail: String,
         retryable: bool,
@@ -174,6 +197,40 @@ enum Op {
     /// Several changes as one: all applied, or none (the reply is the
     /// last one's).
     Many(Vec<Op>),
+}
+
+/// A card id as its hex text (the ledger's `card_id`).
+mod card_hex {
+    use card::CardId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &CardId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&c.to_hex())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CardId, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse::<CardId>().map_err(|e| serde::de::Error::custom(format!("card id {text:?}: {e}")))
+    }
+}
+
+/// Bundle members (card id as hex, role).
+mod members_hex {
+    use card::CardId;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &[(CardId, String)], s: S) -> Result<S::Ok, S::Error> {
+        m.iter().map(|(c, r)| (c.to_hex(), r.as_str())).collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(CardId, String)>, D::Error> {
+        Vec::<(String, String)>::deserialize(d)?
+            .into_iter()
+            .map(|(c, r)| {
+                c.parse::<CardId>().map(|c| (c, r)).map_err(|e| serde::de::Error::custom(format!("card id {c:?}: {e}")))
+            })
+            .collect()
+    }
 }
 
 impl Op {
@@ -204,7 +261,7 @@ impl Done {
         Op::StepDone {
             card: self.card,
             attempt: self.attempt,
-            step: self.step,
+            step: self.step.to_string(),
             detail: self.detail,
             update: self.update,
         }
@@ -222,16 +279,86 @@ pub struct StepLine {
     pub reader: String,
 }
 
+/// What a request got back. Stored with its op id on PostgreSQL (`ops`), so
+/// a retry after a lost connection gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum Reply {
     Unit,
     Id(i64),
     Prior(Option<PriorRecord>),
+    #[serde(with = "serials_hex")]
     Serials(Vec<(CardId, i64)>),
+    /// The card is in progress at another station (PostgreSQL): nothing
+    /// was changed.
+    Held {
+        station: String,
+    },
+    /// Taken into the outbox while PostgreSQL is away: durable here, applied
+    /// there in order when it returns (serials are allocated then).
+    Queued,
+}
+
+/// Serials by card (card id as hex).
+mod serials_hex {
+    use card::CardId;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &[(CardId, i64)], s: S) -> Result<S::Ok, S::Error> {
+        m.iter().map(|(c, n)| (c.to_hex(), *n)).collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(CardId, i64)>, D::Error> {
+        Vec::<(String, i64)>::deserialize(d)?
+            .into_iter()
+            .map(|(c, n)| {
+                c.parse::<CardId>().map(|c| (c, n)).map_err(|e| serde::de::Error::custom(format!("card id {c:?}: {e}")))
+            })
+            .collect()
+    }
 }
 
 struct Request {
     op: Op,
+    /// Unique for the life of the ledger (station, boot, counter): the key a
+    /// retry finds the stored result by.
+    op_id: String,
     reply: Sender<Result<Reply, String>>,
+}
+
+/// Whether the ledger's database is reachable and how many ops wait in the
+/// outbox (always online with no outbox on SQLite).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LedgerStatus {
+    pub online: bool,
+    pub outbox_ops: u64,
+}
+
+/// Sees every change of [`LedgerStatus`] (metrics and the dashboard).
+pub type StatusObserver = Arc<dyn Fn(LedgerStatus) + Send + Sync>;
+
+/// Status shared by the handle and the writer thread.
+#[derive(Default)]
+pub(crate) struct Shared {
+    status: std::sync::Mutex<LedgerStatus>,
+    observer: OnceLock<StatusObserver>,
+}
+
+impl Shared {
+    pub(crate) fn set(&self, status: LedgerStatus) {
+        let changed = {
+            let mut s = self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let changed = *s != status;
+            *s = status;
+            changed
+        };
+        if changed && let Some(o) = self.observer.get() {
+            o(status);
+        }
+    }
+
+    fn get(&self) -> LedgerStatus {
+        *self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// The writer handle: cheap to clone, one per worker.
@@ -239,7 +366,12 @@ struct Request {
 pub struct Ledger {
     tx: Sender<Request>,
     path: PathBuf,
+    target: Arc<LedgerTarget>,
+    station: Arc<str>,
+    boot: Arc<str>,
+    next_op: Arc<std::sync::atomic::AtomicU64>,
     observer: Arc<OnceLock<WriteObserver>>,
+    shared: Arc<Shared>,
 }
 
 /// Sees how long each ledger write took, from request to durable commit
@@ -291,29 +423,124 @@ pub(crate) fn open_connection(path: &Path) -> Result<Connection, LedgerError> {
     Ok(conn)
 }
 
-impl Ledger {
-    /// Opens (creating and migrating) the ledger file and starts its writer.
-    pub fn open(path: &Path) -> Result<(Ledger, LedgerWriter), LedgerError> {
-        let mut conn = open_connection(path)?;
-        schema::migrate(&mut conn, &now())
-            .map_err(|source| LedgerError::Sqlite { path: path.to_path_buf(), source })?
-            .map_err(|detail| LedgerError::Refused { path: path.to_path_buf(), detail })?;
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let thread_path = path.to_path_buf();
-        let handle = std::thread::Builder::new()
-            .name("ledger-writer".into())
-            .spawn(move || writer(conn, rx, thread_path))
-            .map_err(|e| LedgerError::Refused { path: path.to_path_buf(), detail: e.to_string() })?;
-        Ok((Ledger { tx, path: path.to_path_buf(), observer: Arc::default() }, LedgerWriter { handle }))
+/// The station id when none is given: the host name.
+pub fn default_station_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "station".to_string())
+}
+
+/// Where the ledger lives and what this station is called in it.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    pub target: LedgerTarget,
+    /// Written on every batch, card, step and bundle row.
+    pub station_id: String,
+    /// PostgreSQL only: the local outbox file that holds ops while the
+    /// database is away (default `tapline-outbox-<station>.db`).
+    pub outbox: Option<PathBuf>,
+}
+
+impl OpenOptions {
+    pub fn new(target: LedgerTarget, station_id: &str) -> Self {
+        Self { target, station_id: station_id.to_string(), outbox: None }
     }
 
+    /// The outbox file (PostgreSQL).
+    pub fn outbox_path(&self) -> PathBuf {
+        self.outbox.clone().unwrap_or_else(|| PathBuf::from(format!("tapline-outbox-{}.db", self.station_id)))
+    }
+}
+
+/// A backend's side of the writer thread: applies one group of requests as
+/// one transaction and gives one result per request.
+trait Backend: Send {
+    fn apply_group(&mut self, group: &[(&str, &Op)], ts: &str) -> Vec<Result<Reply, String>>;
+    /// Called when no request came for a while (the outbox drains here).
+    fn idle(&mut self) {}
+    /// Called once after the last request (a last outbox drain).
+    fn close(&mut self) {}
+}
+
+impl Ledger {
+    /// Opens (creating and migrating) the SQLite ledger file and starts its
+    /// writer; the station id is the host name.
+    pub fn open(path: &Path) -> Result<(Ledger, LedgerWriter), LedgerError> {
+        Self::open_with(&OpenOptions::new(LedgerTarget::Sqlite(path.to_path_buf()), &default_station_id()))
+    }
+
+    /// Opens the ledger `options` name (SQLite file or PostgreSQL), applying
+    /// its migrations, and starts its writer.
+    pub fn open_with(options: &OpenOptions) -> Result<(Ledger, LedgerWriter), LedgerError> {
+        let shared = Arc::new(Shared::default());
+        let path = options.target.where_();
+        let backend: Box<dyn Backend> = match &options.target {
+            LedgerTarget::Sqlite(file) => {
+                let mut conn = open_connection(file)?;
+                schema::migrate(&mut conn, &now())
+                    .map_err(|source| LedgerError::Sqlite { path: file.clone(), source })?
+                    .map_err(|detail| LedgerError::Refused { path: file.clone(), detail })?;
+                shared.set(LedgerStatus { online: true, outbox_ops: 0 });
+                Box::new(SqliteBackend { conn, path: file.clone(), station: options.station_id.clone() })
+            }
+            LedgerTarget::Postgres(url) => {
+                Box::new(pg::PgBackend::open(url, &options.station_id, &options.outbox_path(), Arc::clone(&shared))?)
+            }
+        };
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let handle = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || writer(backend, rx))
+            .map_err(|e| LedgerError::Refused { path: path.clone(), detail: e.to_string() })?;
+        let mut boot = [0u8; 6];
+        let _ = getrandom::fill(&mut boot);
+        Ok((
+            Ledger {
+                tx,
+                path,
+                target: Arc::new(options.target.clone()),
+                station: Arc::from(options.station_id.as_str()),
+                boot: Arc::from(hex::encode(boot).as_str()),
+                next_op: Arc::default(),
+                observer: Arc::default(),
+                shared,
+            },
+            LedgerWriter { handle },
+        ))
+    }
+
+    /// The SQLite file, or for PostgreSQL its URL without the password
+    /// (for messages).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn target(&self) -> &LedgerTarget {
+        &self.target
+    }
+
+    pub fn station_id(&self) -> &str {
+        &self.station
+    }
+
+    /// Online, and how many ops wait in the outbox.
+    pub fn status(&self) -> LedgerStatus {
+        self.shared.get()
     }
 
     /// Sets the observer of write latencies (once; later calls are ignored).
     pub fn observe_writes(&self, observer: WriteObserver) {
         let _ = self.observer.set(observer);
+    }
+
+    /// Sets the observer of status changes (once) and gives it the status now.
+    pub fn observe_status(&self, observer: StatusObserver) {
+        let now = self.shared.get();
+        if self.shared.observer.set(Arc::clone(&observer)).is_ok() {
+            observer(now);
+        }
     }
 
     /// `op`, after `done` when there is one, in one transaction.
@@ -327,7 +554,9 @@ impl Ledger {
     fn call(&self, op: Op) -> Result<Reply, LedgerError> {
         let started = std::time::Instant::now();
         let (reply, rx) = crossbeam_channel::bounded(1);
-        self.tx.send(Request { op, reply }).map_err(|_| LedgerError::WriterGone)?;
+        let n = self.next_op.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let op_id = format!("{}/{}/{n}", self.station, self.boot);
+        self.tx.send(Request { op, op_id, reply }).map_err(|_| LedgerError::WriterGone)?;
         let r = rx
             .recv()
             .map_err(|_| LedgerError::WriterGone)?
@@ -354,7 +583,9 @@ impl Ledger {
 
     /// Records the start of an attempt on a card (creating its row on first
     /// sight) and returns what was known before. A card already passed is
-    /// left untouched.
+    /// left untouched. On PostgreSQL the attempt claims the card for this
+    /// station: a card in progress at another station is refused
+    /// ([`LedgerError::Held`]) and nothing is changed.
     pub fn begin_card(
         &self,
         card: CardId,
@@ -367,6 +598,10 @@ impl Ledger {
             Op::BeginCard { card, reader: reader.to_string(), batch, atr: atr.to_string(), cplc: cplc.to_string() };
         match self.call(op)? {
             Reply::Prior(p) => Ok(p),
+            // Offline: the shared record is out of reach; the card is
+            // treated as new here and reconciled on drain (docs/ledger.md).
+            Reply::Queued => Ok(None),
+            Reply::Held { station } => Err(LedgerError::Held { card: card.to_hex(), station }),
             _ => Err(LedgerError::WriterGone),
         }
     }
@@ -395,7 +630,14 @@ impl Ledger {
         detail: &str,
         reader: &str,
     ) -> Result<(), LedgerError> {
-        let op = Op::Step { card, attempt, step, event, detail: detail.to_string(), reader: reader.to_string() };
+        let op = Op::Step {
+            card,
+            attempt,
+            step: step.to_string(),
+            event,
+            detail: detail.to_string(),
+            reader: reader.to_string(),
+        };
         self.call_after(done, op).map(|_| ())
     }
 
@@ -407,7 +649,7 @@ impl Ledger {
             .map(|l| Op::Step {
                 card: l.card,
                 attempt: l.attempt,
-                step: l.step,
+                step: l.step.to_string(),
                 event: l.event,
                 detail: l.detail,
                 reader: l.reader,
@@ -425,11 +667,14 @@ impl Ledger {
         detail: &str,
         update: CardUpdate,
     ) -> Result<(), LedgerError> {
-        self.call(Op::StepDone { card, attempt, step, detail: detail.to_string(), update }).map(|_| ())
+        self.call(Op::StepDone { card, attempt, step: step.to_string(), detail: detail.to_string(), update })
+            .map(|_| ())
     }
 
-    /// Marks the card passed at `stage` and allocates its serial.
-    pub fn pass(&self, card: CardId, attempt: u32, stage: &'static str) -> Result<i64, LedgerError> {
+    /// Marks the card passed at `stage` and allocates its serial; `None`
+    /// when PostgreSQL is away: the pass is durable in the outbox and the
+    /// serial is allocated when it drains.
+    pub fn pass(&self, card: CardId, attempt: u32, stage: &'static str) -> Result<Option<i64>, LedgerError> {
         self.pass_after(None, card, attempt, stage)
     }
 
@@ -440,9 +685,10 @@ impl Ledger {
         card: CardId,
         attempt: u32,
         stage: &'static str,
-    ) -> Result<i64, LedgerError> {
-        match self.call_after(done, Op::Pass { card, attempt, stage })? {
-            Reply::Id(serial) => Ok(serial),
+    ) -> Result<Option<i64>, LedgerError> {
+        match self.call_after(done, Op::Pass { card, attempt, stage: stage.to_string() })? {
+            Reply::Id(serial) => Ok(Some(serial)),
+            Reply::Queued => Ok(None),
             _ => Err(LedgerError::WriterGone),
         }
     }
@@ -466,16 +712,19 @@ impl Ledger {
         batch: i64,
         members: Vec<(CardId, &'static str)>,
     ) -> Result<(), LedgerError> {
+        let members = members.into_iter().map(|(c, r)| (c, r.to_string())).collect();
         self.call(Op::BundleStart { bundle: bundle.to_string(), batch, members }).map(|_| ())
     }
 
     /// Records a bundle sealed and verified: in one transaction every
     /// member passes (with its serial), joins the bundle with its role and
     /// the wallet public key. Refused unless every member is still in
-    /// progress and in no other sealed bundle.
+    /// progress and in no other sealed bundle. Empty while PostgreSQL is
+    /// away (the serials are allocated when the outbox drains).
     pub fn bundle_sealed(&self, bundle: &str, wallet_pubkey: &str) -> Result<Vec<(CardId, i64)>, LedgerError> {
         match self.call(Op::BundleSealed { bundle: bundle.to_string(), wallet_pubkey: wallet_pubkey.to_string() })? {
             Reply::Serials(v) => Ok(v),
+            Reply::Queued => Ok(Vec::new()),
             _ => Err(LedgerError::WriterGone),
         }
     }
@@ -508,7 +757,14 @@ impl Ledger {
         detail: &str,
         retryable: bool,
     ) -> Result<(), LedgerError> {
-        let op = Op::Fail { card, attempt, step, reason: reason.to_string(), detail: detail.to_string(), retryable };
+        let op = Op::Fail {
+            card,
+            attempt,
+            step: step.to_string(),
+            reason: reason.to_string(),
+            detail: detail.to_string(),
+            retryable,
+        };
         self.call_after(done, op).map(|_| ())
     }
 }
@@ -516,8 +772,19 @@ impl Ledger {
 /// The most requests committed together in one transaction.
 const GROUP_LIMIT: usize = 512;
 
-fn writer(mut conn: Connection, rx: Receiver<Request>, path: PathBuf) {
-    while let Ok(first) = rx.recv() {
+/// How often an idle writer looks at its backend (outbox drain).
+const IDLE_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+fn writer(mut backend: Box<dyn Backend>, rx: Receiver<Request>) {
+    loop {
+        let first = match rx.recv_timeout(IDLE_TICK) {
+            Ok(r) => r,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                backend.idle();
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        };
         let mut group = vec![first];
         while group.len() < GROUP_LIMIT {
             match rx.try_recv() {
@@ -526,20 +793,39 @@ fn writer(mut conn: Connection, rx: Receiver<Request>, path: PathBuf) {
             }
         }
         let ts = now();
+        let parts: Vec<(&str, &Op)> = group.iter().map(|r| (r.op_id.as_str(), &r.op)).collect();
+        let results = backend.apply_group(&parts, &ts);
+        for (req, r) in group.into_iter().zip(results) {
+            let _ = req.reply.send(r);
+        }
+    }
+    backend.close();
+}
+
+/// The SQLite backend: the station's own file, with the audit log.
+struct SqliteBackend {
+    conn: Connection,
+    path: PathBuf,
+    station: String,
+}
+
+impl Backend for SqliteBackend {
+    fn apply_group(&mut self, group: &[(&str, &Op)], ts: &str) -> Vec<Result<Reply, String>> {
+        let station = self.station.as_str();
         let mut results: Vec<Result<Reply, String>> = Vec::with_capacity(group.len());
         let committed = (|| -> rusqlite::Result<()> {
-            let mut tx = conn.transaction()?;
-            for req in &group {
+            let mut tx = self.conn.transaction()?;
+            for (_, op) in group {
                 // Each request in its own savepoint: one refused request
                 // does not undo the others in the group.
                 // The op and its audit row commit together or not at all.
                 let mut sp = tx.savepoint()?;
                 // Each change of a request gets its own audit row, right
                 // after it is applied; the reply is the last change's.
-                let r = req.op.parts().into_iter().try_fold(Reply::Unit, |_, op| {
+                let r = op.parts().into_iter().try_fold(Reply::Unit, |_, op| {
                     let steps_before = audit::last_step_id(&sp)?;
-                    let reply = apply(&sp, op, &ts)?;
-                    audit::record(&sp, op, &reply, &ts, steps_before)?;
+                    let reply = apply(&sp, op, ts, station)?;
+                    audit::record(&sp, op, &reply, ts, steps_before)?;
                     Ok::<_, ApplyError>(reply)
                 });
                 match r {
@@ -558,16 +844,10 @@ fn writer(mut conn: Connection, rx: Receiver<Request>, path: PathBuf) {
             tx.commit()
         })();
         match committed {
-            Ok(()) => {
-                for (req, r) in group.into_iter().zip(results) {
-                    let _ = req.reply.send(r);
-                }
-            }
+            Ok(()) => results,
             Err(e) => {
-                tracing::error!(ledger = %path.display(), error = %e, "ledger commit failed");
-                for req in group {
-                    let _ = req.reply.send(Err(format!("commit failed: {e}")));
-                }
+                tracing::error!(ledger = %self.path.display(), error = %e, "ledger commit failed");
+                group.iter().map(|_| Err(format!("commit failed: {e}"))).collect()
             }
         }
     }
@@ -587,20 +867,21 @@ fn refused(detail: String) -> ApplyError {
     ApplyError::Refused(detail)
 }
 
-fn apply(tx: &Connection, op: &Op, ts: &str) -> Result<Reply, ApplyError> {
+fn apply(tx: &Connection, op: &Op, ts: &str, station: &str) -> Result<Reply, ApplyError> {
     match op {
         // Inside the request's savepoint: a refused part undoes them all.
         Op::Many(ops) => {
             let mut last = Reply::Unit;
             for op in ops {
-                last = apply(tx, op, ts)?;
+                last = apply(tx, op, ts, station)?;
             }
             Ok(last)
         }
         Op::StartBatch(b) => {
             tx.execute(
-                "INSERT INTO batches (name, profile, product, firmware, firmware_sha256, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![b.name, b.profile, b.product, b.firmware, b.firmware_sha256, ts],
+                "INSERT INTO batches (name, profile, product, firmware, firmware_sha256, started_at, station_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![b.name, b.profile, b.product, b.firmware, b.firmware_sha256, ts, station],
             )?;
             Ok(Reply::Id(tx.last_insert_rowid()))
         }
@@ -631,15 +912,15 @@ fn apply(tx: &Connection, op: &Op, ts: &str) -> Result<Reply, ApplyError> {
                     tx.execute(
                         "UPDATE cards SET status = 'in_progress', attempts = attempts + 1, reader = ?2, batch_id = ?3,
                          atr = ?4, failed_step = NULL, failure_reason = NULL, failure_detail = NULL, retryable = NULL,
-                         current_step = NULL, updated_at = ?5 WHERE card_id = ?1",
-                        params![id, reader, batch, atr, ts],
+                         current_step = NULL, updated_at = ?5, station_id = ?6 WHERE card_id = ?1",
+                        params![id, reader, batch, atr, ts, station],
                     )?;
                 }
                 None => {
                     tx.execute(
-                        "INSERT INTO cards (card_id, status, batch_id, reader, attempts, atr, cplc, first_seen, updated_at)
-                         VALUES (?1, 'in_progress', ?2, ?3, 1, ?4, ?5, ?6, ?6)",
-                        params![id, batch, reader, atr, cplc, ts],
+                        "INSERT INTO cards (card_id, status, batch_id, reader, attempts, atr, cplc, first_seen, updated_at, station_id)
+                         VALUES (?1, 'in_progress', ?2, ?3, 1, ?4, ?5, ?6, ?6, ?7)",
+                        params![id, batch, reader, atr, cplc, ts, station],
                     )?;
                 }
             }
@@ -647,8 +928,9 @@ fn apply(tx: &Connection, op: &Op, ts: &str) -> Result<Reply, ApplyError> {
         }
         Op::Step { card, attempt, step, event, detail, reader } => {
             tx.execute(
-                "INSERT INTO steps (card_id, attempt, step, event, detail, reader, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![card.to_hex(), attempt, step, event.as_str(), detail, reader, ts],
+                "INSERT INTO steps (card_id, attempt, step, event, detail, reader, at, station_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![card.to_hex(), attempt, step, event.as_str(), detail, reader, ts, station],
             )?;
             if *event == StepEvent::Intent {
                 tx.execute(
@@ -661,8 +943,9 @@ fn apply(tx: &Connection, op: &Op, ts: &str) -> Result<Reply, ApplyError> {
         Op::StepDone { card, attempt, step, detail, update } => {
             let id = card.to_hex();
             tx.execute(
-                "INSERT INTO steps (card_id, attempt, step, event, detail, at) VALUES (?1, ?2, ?3, 'done', ?4, ?5)",
-                params![id, attempt, step, detail, ts],
+                "INSERT INTO steps (card_id, attempt, step, event, detail, at, station_id)
+                 VALUES (?1, ?2, ?3, 'done', ?4, ?5, ?6)",
+                params![id, attempt, step, detail, ts, station],
             )?;
             tx.execute(
                 "UPDATE cards SET
@@ -701,8 +984,9 @@ fn apply(tx: &Connection, op: &Op, ts: &str) -> Result<Reply, ApplyError> {
                 params![id, stage, serial, ts],
             )?;
             tx.execute(
-                "INSERT INTO steps (card_id, attempt, step, event, detail, at) VALUES (?1, ?2, 'record', 'done', ?3, ?4)",
-                params![id, attempt, format!("serial {serial}"), ts],
+                "INSERT INTO steps (card_id, attempt, step, event, detail, at, station_id)
+                 VALUES (?1, ?2, 'record', 'done', ?3, ?4, ?5)",
+                params![id, attempt, format!("serial {serial}"), ts, station],
             )?;
             Ok(Reply::Id(serial))
         }
@@ -717,15 +1001,17 @@ fn apply(tx: &Connection, op: &Op, ts: &str) -> Result<Reply, ApplyError> {
                 return Err(refused(format!("card {id} is not in progress")));
             }
             tx.execute(
-                "INSERT INTO steps (card_id, attempt, step, event, detail, at) VALUES (?1, ?2, 'record', 'done', 'ready for pairing', ?3)",
-                params![id, attempt, ts],
+                "INSERT INTO steps (card_id, attempt, step, event, detail, at, station_id)
+                 VALUES (?1, ?2, 'record', 'done', 'ready for pairing', ?3, ?4)",
+                params![id, attempt, ts, station],
             )?;
             Ok(Reply::Unit)
         }
         Op::BundleStart { bundle, batch, members } => {
             tx.execute(
-                "INSERT INTO bundles (bundle_id, status, size, created_at, batch_id) VALUES (?1, 'forming', ?2, ?3, ?4)",
-                params![bundle, members.len() as i64, ts, batch],
+                "INSERT INTO bundles (bundle_id, status, size, created_at, batch_id, station_id, bundle_no)
+                 VALUES (?1, 'forming', ?2, ?3, ?4, ?5, (SELECT COALESCE(MAX(bundle_no), 0) + 1 FROM bundles))",
+                params![bundle, members.len() as i64, ts, batch, station],
             )?;
             for (position, (card, role)) in members.iter().enumerate() {
                 let id = card.to_hex();
@@ -771,9 +1057,9 @@ fn apply(tx: &Connection, op: &Op, ts: &str) -> Result<Reply, ApplyError> {
                     params![bundle, id],
                 )?;
                 tx.execute(
-                    "INSERT INTO steps (card_id, attempt, step, event, detail, at)
-                     SELECT card_id, attempts, 'record', 'done', ?2, ?3 FROM cards WHERE card_id = ?1",
-                    params![id, format!("serial {serial}, {role} of bundle {bundle}"), ts],
+                    "INSERT INTO steps (card_id, attempt, step, event, detail, at, station_id)
+                     SELECT card_id, attempts, 'record', 'done', ?2, ?3, ?4 FROM cards WHERE card_id = ?1",
+                    params![id, format!("serial {serial}, {role} of bundle {bundle}"), ts, station],
                 )?;
                 let card = id.parse::<CardId>().map_err(|e| refused(e.to_string()))?;
                 serials.push((card, serial));
@@ -794,8 +1080,9 @@ fn apply(tx: &Connection, op: &Op, ts: &str) -> Result<Reply, ApplyError> {
         Op::Fail { card, attempt, step, reason, detail, retryable } => {
             let id = card.to_hex();
             tx.execute(
-                "INSERT INTO steps (card_id, attempt, step, event, detail, at) VALUES (?1, ?2, ?3, 'failed', ?4, ?5)",
-                params![id, attempt, step, format!("{reason}: {detail}"), ts],
+                "INSERT INTO steps (card_id, attempt, step, event, detail, at, station_id)
+                 VALUES (?1, ?2, ?3, 'failed', ?4, ?5, ?6)",
+                params![id, attempt, step, format!("{reason}: {detail}"), ts, station],
             )?;
             tx.execute(
                 "UPDATE cards SET status = 'failed', failed_step = ?2, failure_reason = ?3, failure_detail = ?4,
@@ -850,7 +1137,7 @@ mod tests {
                             let c = CardId([t, i, 0, 0, 0, 0, 0, 0, 0, 1]);
                             l.begin_card(c, "r", b, "", "").expect("begin");
                             l.step(c, 1, "identify", StepEvent::Intent, "", "r").expect("step");
-                            l.pass(c, 1, "ready_for_pairing").expect("pass")
+                            l.pass(c, 1, "ready_for_pairing").expect("pass").expect("a serial on SQLite")
                         })
                         .collect::<Vec<i64>>()
                 })
@@ -871,6 +1158,7 @@ mod tests {
         let (_d, path, l, w, b) = open();
         l.begin_card(id(1), "r", b, "", "").expect("begin");
         let serial = l.pass(id(1), 1, "ready_for_pairing").expect("pass");
+        let serial = serial.expect("a serial on SQLite");
         let prior = l.begin_card(id(1), "r2", b, "", "").expect("again").expect("known");
         assert_eq!(prior.status, CardStatus::Passed);
         l.fail(id(1), 2, "identify", "x", "y", false).expect("no-op on a passed card");
@@ -961,6 +1249,48 @@ mod tests {
         let report = audit::verify(&path, None).expect("verify");
         assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
         assert!(report.problems[0].message.contains("serial is 5"), "{}", report.problems[0]);
+    }
+
+    #[test]
+    fn a_schema_3_ledger_with_an_audit_log_gets_station_ids_and_still_verifies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v3.db");
+        let conn = Connection::open(&path).expect("conn");
+        conn.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL)").expect("versions");
+        for (i, sql) in schema::MIGRATIONS.iter().take(3).enumerate() {
+            conn.execute_batch(sql).expect("migration");
+            conn.execute("INSERT INTO schema_version (version) VALUES (?1)", [(i + 1) as i64]).expect("version");
+        }
+        conn.execute_batch(
+            "INSERT INTO batches (name, profile, product, firmware, firmware_sha256, started_at, finished_at)
+               VALUES ('v3', 'p', 'x', 'f', '00', '2025-01-01T00:00:00.000Z', '2025-01-01T01:00:00.000Z');
+             INSERT INTO cards (card_id, status, batch_id, reader, attempts, serial, first_seen, updated_at)
+               VALUES ('0202020202', 'passed', 1, 'r', 1, 1, '2025-01-01T00:00:01.000Z', '2025-01-01T00:00:02.000Z');",
+        )
+        .expect("history");
+        audit::adopt(&conn, 2, "2025-01-01T02:00:00.000Z").expect("a v3 audit log");
+        drop(conn);
+        let (l, w) = Ledger::open_with(&OpenOptions::new(LedgerTarget::Sqlite(path.clone()), "st-9")).expect("migrate");
+        let b = l
+            .start_batch(BatchInfo {
+                name: "v4".into(),
+                profile: "p".into(),
+                product: "x".into(),
+                firmware: "f".into(),
+                firmware_sha256: "00".into(),
+            })
+            .expect("batch");
+        l.begin_card(id(3), "r", b, "", "").expect("begin");
+        l.pass(id(3), 1, "ready_for_pairing").expect("pass");
+        l.finish_batch(b, None).expect("finish");
+        drop(l);
+        w.close();
+        let report = audit::verify(&path, None).expect("verify");
+        assert!(report.ok(), "{:?}", report.problems);
+        let doc = export::export(&path).expect("export");
+        let station = |card: &str| doc.cards.iter().find(|c| c.card_id == card).and_then(|c| c.station_id.clone());
+        assert_eq!(station(&id(3).to_hex()), Some("st-9".to_string()));
+        assert_eq!(station("0202020202"), None, "old rows have no station");
     }
 
     #[test]

@@ -96,11 +96,17 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_by_card ON audit(card_id, seq);
     ",
+    // 4: the fleet. Every record names the station that wrote it; bundles
+    // get a number on the line (PostgreSQL allocates it from a sequence).
+    r"
+    ALTER TABLE batches ADD COLUMN station_id TEXT;
+    ALTER TABLE cards ADD COLUMN station_id TEXT;
+    ALTER TABLE steps ADD COLUMN station_id TEXT;
+    ALTER TABLE bundles ADD COLUMN station_id TEXT;
+    ALTER TABLE bundles ADD COLUMN bundle_no INTEGER;
+    CREATE UNIQUE INDEX bundles_by_no ON bundles(bundle_no);
+    ",
 ];
-
-/// The version that added the audit log; a ledger migrated to it with
-/// history already in it gets that history adopted (`audit::adopt`).
-const AUDIT_VERSION: usize = 3;
 
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
@@ -120,9 +126,11 @@ pub fn migrate(conn: &mut Connection, now: &str) -> rusqlite::Result<Result<(), 
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         tx.execute_batch(sql)?;
         tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [(i + 1) as i64])?;
-        if i + 1 == AUDIT_VERSION && current > 0 {
-            super::audit::adopt(&tx, current, now)?;
-        }
+    }
+    // History written before this migration is adopted as it stands now
+    // (with the columns the migration added), so the log replays to it.
+    if current > 0 && current < SCHEMA_VERSION {
+        super::audit::adopt(&tx, current, now)?;
     }
     tx.commit()?;
     Ok(Ok(()))
