@@ -530,7 +530,11 @@ fn pair(setup: &Setup, members: &[Waiting], bundle_id: &[u8; 16]) -> Result<[u8;
     journal(setup, members, "pair_prove", StepEvent::Done, "all members hold the wallet key")?;
 
     // Seal: backups first, the primary last (it checks all confirmed).
-    journal(setup, members, "pair_seal", StepEvent::Intent, "")?;
+    // The wallet public key goes into every member's journal before the
+    // first FINALIZE: a card torn while the bundle seals may end sealed in
+    // a bundle the ledger records aborted, and the ledger must still know
+    // which wallet key that card holds.
+    journal(setup, members, "pair_seal", StepEvent::Intent, &format!("wallet key {}", hex::encode_upper(wallet_pub)))?;
     // The backups finalize at the same time, each on its own reader (FINALIZE
     // and the SELECT that checks it); then the primary.
     let finalize = |w: &mut WalletClient<'_>| -> Result<_, CardError> {
