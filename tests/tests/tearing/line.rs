@@ -3,8 +3,11 @@
 //! for pairing, so the first card is the primary and the others backups 1
 //! and 2, whatever the machine's speed), a card that failed put back on
 //! its reader once, and each card's real state read back from the card
-//! itself with APDUs after the batch. Shared by `tests/tearing.rs`; the
-//! read-back is also what `tests/tearing_pcsc.rs` does through pcscd.
+//! itself with APDUs after the batch. Shared by `tests/tearing.rs` and
+//! `tests/tearing_pcsc.rs` (the read-back, the batch and the pass criteria).
+
+// Each test binary includes this module and uses a part of it.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
