@@ -12,8 +12,10 @@
 //! CI form (about a minute): the pairing APDUs of one member of a bundle
 //! (card 2, fed slowest so it is most likely backup 2), each before and
 //! after, on vpcd ports P..P+2; and key rotation torn after PUT KEY
-//! committed, on P+3. Every APDU of the whole recipe through pcscd would
-//! take about 750 x 5 s: the emulator sweep (`tests/tearing.rs`) covers it.
+//! committed, on P+3. Long form (`TAPLINE_LONG=1`, about 4 minutes): the
+//! pairing APDUs of all three members (52 points). Every APDU of the whole
+//! recipe through pcscd would take about 750 x 5 s: the emulator sweep
+//! (`tests/tearing.rs`) covers it.
 
 #[path = "tearing/line.rs"]
 mod line;
@@ -183,6 +185,10 @@ fn run(profile: Arc<Profile>, fw: &Arc<Firmware>, ports: &[u16], cards: Vec<EmuC
     (ended, ends)
 }
 
+fn long_form() -> bool {
+    std::env::var("TAPLINE_LONG").is_ok_and(|v| v == "1")
+}
+
 #[test]
 fn the_pairing_apdus_of_one_member_torn_through_pcscd_end_provisioned_or_recorded() {
     let mut profile = (*demo_profile()).clone();
@@ -192,50 +198,57 @@ fn the_pairing_apdus_of_one_member_torn_through_pcscd_end_provisioned_or_recorde
     let recipe = rig::plan::run::calibrate(&profile, &fw).expect("calibration").total;
     let base = port_base();
     let ports = [base, base + 1, base + 2];
-    // A backup's pairing: SELECT, LINK, IMPORT, PROVE, FINALIZE, SELECT.
+    // Fed at once, card i slower than card i-1, so card 0 is ready first
+    // (the primary) and card 2 last (backup 2). A backup's pairing:
+    // SELECT, LINK, IMPORT, PROVE, FINALIZE, SELECT; the primary's 14.
+    // Short form: backup 2's; long form (TAPLINE_LONG=1): every member's.
+    let members: Vec<(usize, u64)> = if long_form() { vec![(0, 14), (1, 6), (2, 6)] } else { vec![(2, 6)] };
     let mut failures = Vec::new();
     let mut roles = Vec::new();
+    let mut points = 0;
     let started = std::time::Instant::now();
-    for k in 1..=6u64 {
-        for point in [TearPoint::Before, TearPoint::After] {
-            let mut f = ChipFactory::new(5150 + k);
-            // Fed at once; card 2 the slowest, so it is ready last: backup 2.
-            let cards: Vec<EmuCard> = (0..3)
-                .map(|i| {
-                    let remove_at = (i == 2).then_some((recipe + k, point));
-                    let slow_factor = [1.0, 3.0, 5.0][i];
-                    f.make(ChipKind::Genuine, CardFaults { remove_at, slow_factor, ..CardFaults::default() })
-                })
-                .collect();
-            let torn = cards[2].id().to_hex();
-            let (ended, ends) = run(Arc::clone(&profile), &fw, &ports, cards);
-            // The last two APDUs of a backup's pairing are its seal window.
-            let p = line::problems(&profile, &fw, &ended, &ends, k >= 5);
-            let role = ended
-                .export
-                .bundles
-                .iter()
-                .find_map(|b| {
-                    if b.primary.as_deref() == Some(torn.as_str()) {
-                        Some("primary")
-                    } else {
-                        b.backups.contains(&torn).then_some("backup")
-                    }
-                })
-                .unwrap_or("none");
-            roles.push(format!("+{k} {point:?}: {role}"));
-            if !ends[2].put_back {
-                failures.push(format!("+{k} {point:?}: card 2 was not torn"));
-            }
-            if !p.is_empty() {
-                failures.push(format!("+{k} {point:?}: {}", p.join("; ")));
+    for &(member, apdus) in &members {
+        for k in 1..=apdus {
+            for point in [TearPoint::Before, TearPoint::After] {
+                let mut f = ChipFactory::new(5150 + k);
+                let cards: Vec<EmuCard> = (0..3)
+                    .map(|i| {
+                        let remove_at = (i == member).then_some((recipe + k, point));
+                        let slow_factor = [1.0, 3.0, 5.0][i];
+                        f.make(ChipKind::Genuine, CardFaults { remove_at, slow_factor, ..CardFaults::default() })
+                    })
+                    .collect();
+                let torn = cards[member].id().to_hex();
+                let (ended, ends) = run(Arc::clone(&profile), &fw, &ports, cards);
+                points += 1;
+                // The last two APDUs of a member's pairing are its seal window.
+                let p = line::problems(&profile, &fw, &ended, &ends, k + 1 >= apdus);
+                let role = ended
+                    .export
+                    .bundles
+                    .iter()
+                    .find_map(|b| {
+                        if b.primary.as_deref() == Some(torn.as_str()) {
+                            Some("primary")
+                        } else {
+                            b.backups.contains(&torn).then_some("backup")
+                        }
+                    })
+                    .unwrap_or("none");
+                roles.push(format!("card {member} +{k} {point:?}: {role}"));
+                if !ends[member].put_back {
+                    failures.push(format!("card {member} +{k} {point:?}: not torn"));
+                }
+                if !p.is_empty() {
+                    failures.push(format!("card {member} +{k} {point:?}: {}", p.join("; ")));
+                }
             }
         }
     }
     println!(
-        "vpcd: card 2 torn at its pairing APDUs {}..={} before and after (12 points) in {:.1} s; role in the first bundle: {roles:?}",
+        "vpcd: {points} tearing points (pairing APDUs of cards {:?} from APDU {}, before and after) in {:.1} s; role in the first bundle: {roles:?}",
+        members.iter().map(|m| m.0).collect::<Vec<_>>(),
         recipe + 1,
-        recipe + 6,
         started.elapsed().as_secs_f64()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
