@@ -88,13 +88,17 @@ fn cards(n: usize, seed: u64) -> Vec<EmuCard> {
 }
 
 fn run(setup: &Setup, n: usize, tear: Option<Tear>, chained: bool) -> Run {
+    run_with(setup, n, tear, chained, 1)
+}
+
+fn run_with(setup: &Setup, n: usize, tear: Option<Tear>, chained: bool, put_back: u32) -> Run {
     let mut cards = cards(n, 4242);
     if let Some(t) = tear {
         cards[t.member].set_faults(CardFaults { remove_at: Some((t.apdu, t.point)), ..CardFaults::default() });
     }
     let bank = EmuBank::new(n, 0.0, Duration::from_millis(200));
     let control = Control::new();
-    let line = Line::new(bank.clone(), Arc::clone(&control), cards, chained);
+    let line = Line::new(bank.clone(), Arc::clone(&control), cards, chained, put_back);
     let watcher = Arc::clone(&line);
     let ended = line::run_batch(
         &format!("{tear:?}"),
@@ -359,4 +363,30 @@ fn a_backup_torn_at_finalize_leaves_every_sealed_cards_wallet_key_in_the_ledger(
         "both backups sealed before the bundle aborted: {:?}",
         r.cards.iter().map(|c| &c.1).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn a_card_torn_after_put_key_and_not_put_back_shows_the_rotation_in_flight_in_the_ledger() {
+    // The ledger cannot know whether PUT KEY committed on a card that left
+    // without answering: its row keeps the key version the session opened
+    // with, and its journal shows the rotation's intent with no result, so
+    // an operator (and the next attempt, which reads the card's version)
+    // knows the card holds either key set.
+    let setup = Setup::new(single_profile());
+    let rotated = setup.profile.rotation.as_ref().expect("rotation").version;
+    let cal = rig::plan::run::calibrate(&setup.profile, &setup.firmware).expect("calibration");
+    let put_key = cal.first_apdu(station::recipe::Step::KeyRotation);
+    let r = run_with(&setup, 1, Some(Tear { member: 0, apdu: put_key, point: TearPoint::After }), false, 0);
+    let rec = &r.ended.export.cards[0];
+    assert_eq!(
+        (rec.status.as_str(), rec.failed_step.as_deref(), rec.retryable),
+        ("failed", Some("key_rotation"), Some(true)),
+        "{rec:?}"
+    );
+    assert_eq!(r.cards[0].2.key_versions, vec![rotated], "PUT KEY committed on the card");
+    assert_eq!(rec.gp_key_version, Some(i64::from(setup.profile.factory_version)), "{rec:?}");
+    let steps = &line::journals(&r.ended)[&rec.card_id];
+    let rotation: Vec<&str> = steps.iter().filter(|s| s.step == "key_rotation").map(|s| s.event.as_str()).collect();
+    assert_eq!(rotation, ["intent", "failed"], "{steps:#?}");
+    assert_eq!(r.cards[0].1.key_version, Ok(rotated), "read back: the card opens a session with the new keys");
 }

@@ -112,8 +112,8 @@ pub struct Line {
 impl Line {
     /// Card i goes to reader i; card 0 enters at once, card i+1 when card i
     /// is ready for pairing (or at once with `chained: false`). Every card
-    /// goes back once after a failed attempt.
-    pub fn new(bank: EmuBank, control: Arc<Control>, cards: Vec<EmuCard>, chained: bool) -> Arc<Self> {
+    /// goes back `put_back` times after a failed attempt.
+    pub fn new(bank: EmuBank, control: Arc<Control>, cards: Vec<EmuCard>, chained: bool, put_back: u32) -> Arc<Self> {
         let n = cards.len();
         assert_eq!(bank.slots().len(), n, "one reader per card");
         let line = Arc::new(Self {
@@ -121,7 +121,7 @@ impl Line {
             control,
             st: Mutex::new(LineState {
                 waiting: cards.into_iter().map(Some).collect(),
-                reinserts: vec![1; n],
+                reinserts: vec![put_back; n],
                 binned: (0..n).map(|_| None).collect(),
                 put_back: Vec::new(),
                 outstanding: n,
