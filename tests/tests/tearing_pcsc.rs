@@ -221,8 +221,7 @@ fn the_pairing_apdus_of_one_member_torn_through_pcscd_end_provisioned_or_recorde
                 let torn = cards[member].id().to_hex();
                 let (ended, ends) = run(Arc::clone(&profile), &fw, &ports, cards);
                 points += 1;
-                // The last two APDUs of a member's pairing are its seal window.
-                let p = line::problems(&profile, &fw, &ended, &ends, k + 1 >= apdus);
+                let p = line::problems(&profile, &fw, &ended, &ends);
                 let role = ended
                     .export
                     .bundles
@@ -267,7 +266,7 @@ fn key_rotation_torn_after_put_key_through_pcscd_resumes_with_the_new_key_set() 
         .make(ChipKind::Genuine, CardFaults { remove_at: Some((put_key, TearPoint::After)), ..CardFaults::default() });
     let ports = [port_base() + 3];
     let (ended, ends) = run(Arc::clone(&profile), &fw, &ports, vec![card]);
-    assert_eq!(line::problems(&profile, &fw, &ended, &ends, false), Vec::<String>::new());
+    assert_eq!(line::problems(&profile, &fw, &ended, &ends), Vec::<String>::new());
     let rec = &ended.export.cards[0];
     assert_eq!((rec.status.as_str(), rec.attempts, rec.gp_key_version), ("passed", 2, Some(i64::from(rotated))));
     assert_eq!(ends[0].rb.key_version, Ok(rotated), "read back through pcscd");

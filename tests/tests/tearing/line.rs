@@ -112,8 +112,14 @@ pub struct Line {
 impl Line {
     /// Card i goes to reader i; card 0 enters at once, card i+1 when card i
     /// is ready for pairing (or at once with `chained: false`). Every card
-    /// goes back `put_back` times after a failed attempt.
-    pub fn new(bank: EmuBank, control: Arc<Control>, cards: Vec<EmuCard>, chained: bool, put_back: u32) -> Arc<Self> {
+    /// i goes back `put_back[i]` times after a failed attempt.
+    pub fn new(
+        bank: EmuBank,
+        control: Arc<Control>,
+        cards: Vec<EmuCard>,
+        chained: bool,
+        put_back: &[u32],
+    ) -> Arc<Self> {
         let n = cards.len();
         assert_eq!(bank.slots().len(), n, "one reader per card");
         let line = Arc::new(Self {
@@ -121,7 +127,7 @@ impl Line {
             control,
             st: Mutex::new(LineState {
                 waiting: cards.into_iter().map(Some).collect(),
-                reinserts: vec![put_back; n],
+                reinserts: put_back.to_vec(),
                 binned: (0..n).map(|_| None).collect(),
                 put_back: Vec::new(),
                 outstanding: n,
@@ -265,25 +271,9 @@ pub struct CardEnd {
     pub locked: Option<String>,
 }
 
-/// The pass criteria of a tearing run; every problem found. `seal_window`
-/// relaxes them where the station does not meet them yet
-/// (docs/rig-plans.md, Tearing the full recipe): a member torn while the
-/// bundle seals leaves the members already sealed recorded failed, not
-/// retryable, in the bundle the ledger records aborted, with their wallet
-/// key journaled (no roll-forward of a half-sealed bundle).
-pub fn problems(
-    profile: &Profile,
-    firmware: &Firmware,
-    e: &Ended,
-    cards: &[CardEnd],
-    seal_window: bool,
-) -> Vec<String> {
+/// The pass criteria of a tearing run; every problem found.
+pub fn problems(profile: &Profile, firmware: &Firmware, e: &Ended, cards: &[CardEnd]) -> Vec<String> {
     let mut p = Vec::new();
-    let aborted_with = |id: &str, bundle: Option<&String>| {
-        e.export.bundles.iter().any(|b| {
-            b.status == "aborted" && Some(&b.bundle_id) == bundle && b.primary.iter().chain(&b.backups).any(|m| m == id)
-        })
-    };
     let rotated = profile.rotation.as_ref().map_or(profile.factory_version, |x| x.version);
     let recs: HashMap<&str, &export::CardExport> = e.export.cards.iter().map(|c| (c.card_id.as_str(), c)).collect();
     let journals = journals(e);
@@ -318,11 +308,6 @@ pub fn problems(
                 }
             }
             "failed" if rec.retryable == Some(true) && !c.put_back => {}
-            "failed"
-                if seal_window
-                    && rec.retryable == Some(false)
-                    && rb.lifecycle == Some(Lifecycle::Sealed)
-                    && aborted_with(id, rb.bundle_id.as_ref()) => {}
             "failed" => p.push(format!(
                 "{who}: ended failed ({:?} at {:?}, retryable {:?}){}",
                 rec.failure_reason,
@@ -353,7 +338,7 @@ pub fn problems(
                     rec.bundle_id, rec.role, rec.wallet_pubkey
                 ));
             }
-        } else if rb.lifecycle == Some(Lifecycle::Sealed) && !(seal_window && aborted_with(id, rb.bundle_id.as_ref())) {
+        } else if rb.lifecycle == Some(Lifecycle::Sealed) {
             p.push(format!("{who}: sealed on the card ({rb:?}) but not recorded bundled"));
         }
         if let Some(key) = &rb.wallet_key {
