@@ -95,7 +95,9 @@ enum Msg {
         offers: usize,
     },
     Stop,
-    Finished(Vec<Waiting>),
+    /// A bundle thread ended: the cards back to the pool, and a bundle held
+    /// for a member that left while it sealed.
+    Finished(Vec<Waiting>, Option<Held>),
 }
 
 /// The handle workers and the batch use to talk to the coordinator.
@@ -152,16 +154,36 @@ fn run(setup: Arc<Setup>, rx: Receiver<Msg>, tx: Sender<Msg>) {
     let mut no_more: Option<usize> = None;
     let mut stopping = false;
     let mut bundle_threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut held: Vec<Held> = Vec::new();
     loop {
         match rx.recv_timeout(TICK) {
             Ok(Msg::Offer(w)) => {
                 received += 1;
-                pool.push_back(w);
+                // The missing member of a held bundle is back.
+                match held.iter().position(|h| h.missing_id == w.card.card_id) {
+                    Some(pos) => {
+                        let h = held.remove(pos);
+                        in_flight += 1;
+                        let (setup, tx) = (Arc::clone(&setup), tx.clone());
+                        match std::thread::Builder::new().name("bundle".into()).spawn(move || {
+                            resume(&setup, h, w);
+                            let _ = tx.send(Msg::Finished(Vec::new(), None));
+                        }) {
+                            Ok(t) => bundle_threads.push(t),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot start a bundle thread");
+                                in_flight -= 1;
+                            }
+                        }
+                    }
+                    None => pool.push_back(w),
+                }
             }
             Ok(Msg::NoMoreCards { offers }) => no_more = Some(offers),
             Ok(Msg::Stop) => stopping = true,
-            Ok(Msg::Finished(returned)) => {
+            Ok(Msg::Finished(returned, h)) => {
                 in_flight -= 1;
+                held.extend(h);
                 // Cards reset after an aborted bundle go back to the front:
                 // they have waited longest.
                 for w in returned.into_iter().rev() {
@@ -176,8 +198,8 @@ fn run(setup: Arc<Setup>, rx: Receiver<Msg>, tx: Sender<Msg>) {
             in_flight += 1;
             let (setup, tx) = (Arc::clone(&setup), tx.clone());
             match std::thread::Builder::new().name("bundle".into()).spawn(move || {
-                let returned = form_bundle(&setup, members);
-                let _ = tx.send(Msg::Finished(returned));
+                let (returned, h) = form_bundle(&setup, members);
+                let _ = tx.send(Msg::Finished(returned, h));
             }) {
                 Ok(h) => bundle_threads.push(h),
                 Err(e) => {
@@ -206,6 +228,13 @@ fn run(setup: Arc<Setup>, rx: Receiver<Msg>, tx: Sender<Msg>) {
             }
         }
         pool = keep;
+        let (expired, waiting): (Vec<Held>, Vec<Held>) =
+            held.into_iter().partition(|h| stopping || h.since.elapsed() > setup.bundles.max_wait);
+        held = waiting;
+        for h in expired {
+            let why = format!("card {} did not come back to finish the seal", h.missing_id);
+            give_up(&setup, &h.id, h.members, &why);
+        }
         if stopping && in_flight == 0 {
             break;
         }
@@ -213,16 +242,37 @@ fn run(setup: Arc<Setup>, rx: Receiver<Msg>, tx: Sender<Msg>) {
     for w in pool {
         release(&setup, w);
     }
+    for h in held {
+        let why = format!("card {} did not come back to finish the seal", h.missing_id);
+        give_up(&setup, &h.id, h.members, &why);
+    }
     for h in bundle_threads {
         let _ = h.join();
     }
 }
 
-/// A ready card found no partners: recorded per the profile.
+/// A ready card found no partners: recorded per the profile. A card that
+/// holds a wallet key (sealed in a bundle that aborted, presented again) is
+/// not an unpaired card: it fails, not retryable.
 fn release(setup: &Setup, w: Waiting) {
     let c = &w.card;
-    let verdict = match setup.bundles.unpaired {
-        Unpaired::Pass => match setup.ledger.pass(c.card_id, c.attempt, "unpaired") {
+    let state = w.lane.call(|t| WalletClient::new(t).select());
+    let keyed = match &state {
+        Ok(Ok(info)) if info.lifecycle != Lifecycle::Installed || info.has_wallet_key => Some(format!("{info:?}")),
+        _ => None,
+    };
+    let verdict = match (keyed, setup.bundles.unpaired) {
+        (Some(info), _) => {
+            let f = Failure {
+                step: Step::Pairing,
+                reason: "holds a wallet key outside any recorded bundle".into(),
+                detail: format!("card reports {info}"),
+                retryable: false,
+            };
+            let _ = setup.ledger.fail(c.card_id, c.attempt, Step::Pairing.name(), &f.reason, &f.detail, false);
+            Err(f)
+        }
+        (None, Unpaired::Pass) => match setup.ledger.pass(c.card_id, c.attempt, "unpaired") {
             Ok(serial) => Ok(Passed { serial, stage: "unpaired".into(), bundle: None, role: None }),
             Err(e) => Err(Failure {
                 step: Step::Pairing,
@@ -231,7 +281,7 @@ fn release(setup: &Setup, w: Waiting) {
                 retryable: true,
             }),
         },
-        Unpaired::Fail => {
+        (None, Unpaired::Fail) => {
             let f = Failure {
                 step: Step::Pairing,
                 reason: "no partners".into(),
@@ -370,7 +420,7 @@ fn random<const N: usize>() -> [u8; N] {
 
 /// Forms, verifies and records one bundle; returns the members that go
 /// back to the pool (reset after an abort).
-fn form_bundle(setup: &Setup, members: Vec<Waiting>) -> Vec<Waiting> {
+fn form_bundle(setup: &Setup, members: Vec<Waiting>) -> (Vec<Waiting>, Option<Held>) {
     let bundle_id: [u8; 16] = random();
     let id = hex::encode_upper(bundle_id);
     let roles: Vec<(CardId, &'static str)> =
@@ -379,13 +429,153 @@ fn form_bundle(setup: &Setup, members: Vec<Waiting>) -> Vec<Waiting> {
         // Nothing touched the cards yet; they go back to the pool.
         tracing::error!(bundle = %id, error = %e, "ledger refused a new bundle");
         let _ = setup.events.send(Event::Fatal { reader: members[0].lane.reader.clone(), error: e.to_string() });
-        return members;
+        return (members, None);
     }
     let _ =
         setup.events.send(Event::Bundle { bundle: id.clone(), status: BundleStatus::Forming, members: ids(&members) });
-    match pair(setup, &members, &bundle_id) {
-        Ok(wallet_key) => seal_record(setup, &id, members, &wallet_key),
-        Err(e) => abort(setup, &id, members, e),
+    let mut sealing = None;
+    match pair(setup, &members, &bundle_id, &mut sealing) {
+        Ok(wallet_key) => (seal_record(setup, &id, members, &wallet_key), None),
+        // A member left the field while the bundle sealed: the others may
+        // already be sealed and cannot be reset. Roll forward instead.
+        Err(e) if sealing.is_some() && e.failure.retryable && e.culprit.is_some() => {
+            let wallet_pub = sealing.unwrap_or([0; 33]);
+            match roll_forward(setup, &id, bundle_id, wallet_pub, members, e) {
+                Ok(held) => (Vec::new(), Some(held)),
+                Err((members, e)) => (abort(setup, &id, members, e), None),
+            }
+        }
+        Err(e) => (abort(setup, &id, members, e), None),
+    }
+}
+
+/// A bundle whose seal was interrupted by a member that left the field:
+/// the members still there are sealed (rolled forward) and held on their
+/// readers until the missing card comes back (its recipe runs again and
+/// offers it) and is sealed too, or until the profile's `max_wait`.
+pub struct Held {
+    id: String,
+    bundle_id: [u8; 16],
+    wallet_pub: [u8; 33],
+    missing: usize,
+    missing_id: CardId,
+    /// The members by position, `None` at the missing one.
+    members: Vec<Option<Waiting>>,
+    since: Instant,
+}
+
+/// FINALIZE (if not sealed yet) and check member `i` sealed in the bundle.
+fn seal_member(members: &[Waiting], i: usize, bid: [u8; 16], wallet_pub: &[u8; 33]) -> Result<(), PairError> {
+    let info = on(members, i, "select", |w| w.select())?;
+    if info.lifecycle == Lifecycle::Sealed && info.bundle_id == Some(bid) && info.has_wallet_key {
+        return Ok(());
+    }
+    if info.lifecycle != Lifecycle::Linked || info.bundle_id != Some(bid) || !info.has_wallet_key {
+        return Err(lying(i, "cannot resume the seal", format!("card reports {info:?}")));
+    }
+    let (sig, info) = on(members, i, "finalize", |w| {
+        let sig = w.finalize()?;
+        Ok((sig, w.select()?))
+    })?;
+    let c = &members[i].card;
+    let role = if i == 0 { Role::Primary } else { Role::Backup };
+    if !wallet::verify_digest(&c.card_key, &bundle::sealed_digest(&bid, &c.card_id, role, wallet_pub), &sig) {
+        return Err(lying(i, "seal proof invalid", "signature does not verify with the card key".into()));
+    }
+    if info.lifecycle != Lifecycle::Sealed || info.bundle_id != Some(bid) || !info.has_wallet_key {
+        return Err(lying(i, "not sealed after FINALIZE", format!("card reports {info:?}")));
+    }
+    Ok(())
+}
+
+/// Seals the members still there (backups, then the primary, whose
+/// backups all confirmed before the seal began), fails the missing one
+/// retryable, and holds the rest for it.
+fn roll_forward(
+    setup: &Setup,
+    id: &str,
+    bid: [u8; 16],
+    wallet_pub: [u8; 33],
+    members: Vec<Waiting>,
+    e: PairError,
+) -> Result<Held, (Vec<Waiting>, PairError)> {
+    let missing = e.culprit.unwrap_or(0);
+    let order = (1..members.len()).chain([0]).filter(|i| *i != missing);
+    for i in order {
+        if let Err(err) = seal_member(&members, i, bid, &wallet_pub) {
+            return Err((members, err));
+        }
+    }
+    let mut slots: Vec<Option<Waiting>> = members.into_iter().map(Some).collect();
+    let Some(gone) = slots[missing].take() else { unreachable!("the missing member is in the bundle") };
+    let c = &gone.card;
+    let f = &e.failure;
+    let _ = setup.ledger.fail(c.card_id, c.attempt, Step::Pairing.name(), &f.reason, &f.detail, f.retryable);
+    gone.lane.finish(Err(f.clone()));
+    let present: Vec<&Waiting> = slots.iter().flatten().collect();
+    for w in &present {
+        let _ = setup.ledger.step(
+            w.card.card_id,
+            w.card.attempt,
+            "pair_seal",
+            StepEvent::Intent,
+            &format!("bundle {id}: sealed; waiting for card {} to come back and seal", c.card_id),
+            w.lane.reader.as_str(),
+        );
+    }
+    tracing::info!(bundle = %id, missing = %c.card_id, "seal interrupted; members sealed and held for the missing card");
+    Ok(Held {
+        id: id.to_string(),
+        bundle_id: bid,
+        wallet_pub,
+        missing,
+        missing_id: c.card_id,
+        members: slots,
+        since: Instant::now(),
+    })
+}
+
+/// The missing card of a held bundle is back and ready: seal it, check it
+/// holds the wallet key, record the bundle sealed.
+fn resume(setup: &Setup, mut held: Held, w: Waiting) {
+    held.members[held.missing] = Some(w);
+    let members: Vec<Waiting> = held.members.into_iter().flatten().collect();
+    let (id, bid, wallet_pub, i) = (held.id, held.bundle_id, held.wallet_pub, held.missing);
+    // A sealed card no longer proves the wallet key by signing; it shows
+    // it: GET WALLET KEY, signed with its card key.
+    let checked = seal_member(&members, i, bid, &wallet_pub).and_then(|()| {
+        let proof = on(&members, i, "wallet key", |w| w.wallet_key())?;
+        let c = &members[i].card;
+        let shown = proof.map(|p| p.verify(&c.card_id, &c.card_key).map(|k| wallet::public_key_bytes(&k)));
+        match shown {
+            Some(Ok(k)) if k == wallet_pub => Ok(()),
+            other => Err(lying(i, "wallet key differs", format!("the card shows {other:?}, not the bundle's key"))),
+        }
+    });
+    match checked.and_then(|()| journal(setup, &members, "pair_seal", StepEvent::Done, "resumed after a tear")) {
+        Ok(()) => {
+            seal_record(setup, &id, members, &wallet_pub);
+        }
+        Err(e) => give_up(setup, &id, members.into_iter().map(Some).collect(), &e.failure.reason),
+    }
+}
+
+/// A held bundle that cannot be completed: its members are sealed and
+/// cannot be reworked; they fail, not retryable, and the bundle aborts.
+fn give_up(setup: &Setup, id: &str, members: Vec<Option<Waiting>>, why: &str) {
+    let _ = setup.ledger.bundle_aborted(id, why);
+    let all: Vec<CardId> = members.iter().flatten().map(|w| w.card.card_id).collect();
+    let _ = setup.events.send(Event::Bundle { bundle: id.to_string(), status: BundleStatus::Aborted, members: all });
+    for w in members.into_iter().flatten() {
+        let f = Failure {
+            step: Step::Pairing,
+            reason: format!("bundle aborted, {why}"),
+            detail: format!("sealed in bundle {id}, which could not be completed"),
+            retryable: false,
+        };
+        let c = &w.card;
+        let _ = setup.ledger.fail(c.card_id, c.attempt, Step::Pairing.name(), &f.reason, &f.detail, false);
+        w.lane.finish(Err(f));
     }
 }
 
@@ -403,7 +593,14 @@ pub enum BundleStatus {
 
 /// The card-to-card protocol, relayed: returns the bundle's wallet public
 /// key once every member is sealed and verified.
-fn pair(setup: &Setup, members: &[Waiting], bundle_id: &[u8; 16]) -> Result<[u8; 33], PairError> {
+/// `sealing` is set to the wallet key once the seal phase begins: from
+/// then on some members may be sealed whatever happens.
+fn pair(
+    setup: &Setup,
+    members: &[Waiting],
+    bundle_id: &[u8; 16],
+    sealing: &mut Option<[u8; 33]>,
+) -> Result<[u8; 33], PairError> {
     let n = members.len();
     let backups = (n - 1) as u8;
     let label = hex::encode_upper(bundle_id);
@@ -530,7 +727,12 @@ fn pair(setup: &Setup, members: &[Waiting], bundle_id: &[u8; 16]) -> Result<[u8;
     journal(setup, members, "pair_prove", StepEvent::Done, "all members hold the wallet key")?;
 
     // Seal: backups first, the primary last (it checks all confirmed).
-    journal(setup, members, "pair_seal", StepEvent::Intent, "")?;
+    // The wallet public key goes into every member's journal before the
+    // first FINALIZE: a card torn while the bundle seals may end sealed in
+    // a bundle the ledger records aborted, and the ledger must still know
+    // which wallet key that card holds.
+    journal(setup, members, "pair_seal", StepEvent::Intent, &format!("wallet key {}", hex::encode_upper(wallet_pub)))?;
+    *sealing = Some(wallet_pub);
     // The backups finalize at the same time, each on its own reader (FINALIZE
     // and the SELECT that checks it); then the primary.
     let finalize = |w: &mut WalletClient<'_>| -> Result<_, CardError> {

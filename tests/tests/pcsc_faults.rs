@@ -517,4 +517,20 @@ fn readers_that_vanish_mid_batch_leave_the_others_provisioning() {
         outcomes.len() - after.len(),
         after.len()
     );
+    // Reconnect: from pcscd back (the script saw its readers) to each
+    // staying reader's next card started. The workers retry a failing
+    // reader every second (worker::run) and PcscReader makes a new context
+    // on its next call, so this is about 1 s plus the rig's card re-seat
+    // (pcscd's 1.1 s gap); 5 s is the goal.
+    for s in staying {
+        let reconnect = log
+            .iter()
+            .find(|(at, e)| {
+                *at > back && matches!(e, Event::Lane { reader, state: LaneState::Working } if reader.as_str() == s)
+            })
+            .map(|(at, _)| *at - back)
+            .unwrap_or_else(|| panic!("{s} never took a card after the restart"));
+        println!("  {s}: next card started {:.2} s after pcscd was back", reconnect.as_secs_f64());
+        assert!(reconnect < Duration::from_secs(5), "{s} reconnected after {reconnect:?}");
+    }
 }
