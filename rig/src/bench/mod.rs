@@ -353,6 +353,14 @@ fn host_figures(a: &HostArgs) -> anyhow::Result<Value> {
         "coordination": t("batch") + t("live") + t("pairing") + t("ended threads"),
     });
     v["cards_per_second"] = json!(r.cards as f64 / r.wall.as_secs_f64());
+    // The ledger file once its writer closed (the WAL checkpointed into it):
+    // tables, journal and audit log.
+    let bytes: u64 = ["ledger.db", "ledger.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.path().join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    v["ledger_bytes_per_card"] = json!(bytes as f64 / r.cards.max(1) as f64);
     v["split_cpu_s"] = split;
     v["load"] = load_line();
     Ok(v)
@@ -370,11 +378,12 @@ fn host_table(v: &Value) -> String {
     }
     rows.push(vec!["total (process)".into(), f(total / cards * 1000.0, 2), "100%".into()]);
     format!(
-        "host cost: {} instant cards on {} readers in {:.2} s: {:.1} cards/s\n{}",
+        "host cost: {} instant cards on {} readers in {:.2} s: {:.1} cards/s, ledger {:.1} KB a card\n{}",
         cards,
         get(v, "readers"),
         get(v, "wall_s"),
         get(v, "cards_per_second"),
+        get(v, "ledger_bytes_per_card") / 1000.0,
         table(&["where", "CPU ms/card", "share"], &rows)
     )
 }

@@ -537,9 +537,9 @@ fn writer(mut conn: Connection, rx: Receiver<Request>, path: PathBuf) {
                 // Each change of a request gets its own audit row, right
                 // after it is applied; the reply is the last change's.
                 let r = req.op.parts().into_iter().try_fold(Reply::Unit, |_, op| {
-                    let steps_before = audit::last_step_id(&sp)?;
+                    let before = audit::before(&sp, op)?;
                     let reply = apply(&sp, op, &ts)?;
-                    audit::record(&sp, op, &reply, &ts, steps_before)?;
+                    audit::record(&sp, op, &reply, &ts, &before)?;
                     Ok::<_, ApplyError>(reply)
                 });
                 match r {
