@@ -262,6 +262,9 @@ fn scaling_table(v: &Value) -> String {
                         f(get(p, "overhead_ratio"), 3),
                         f(get(p, "cpu_s_per_card") * 1000.0, 1),
                         f(get(p, "peak_rss_kb") / 1024.0, 1),
+                        pairing_share(p, "partner_wait"),
+                        pairing_share(p, "card_calls"),
+                        pairing_share(p, "held"),
                     ]
                 })
                 .collect()
@@ -281,11 +284,25 @@ fn scaling_table(v: &Value) -> String {
                 "work eff.",
                 "wall/modeled",
                 "CPU ms/card",
-                "peak RSS MiB"
+                "peak RSS MiB",
+                "partner wait",
+                "pair calls",
+                "held"
             ],
             &rows
         )
     )
+}
+
+/// One part of a bundled card's pairing time as a share of a reader's wall
+/// time per card ("-" without bundling).
+fn pairing_share(p: &Value, part: &str) -> String {
+    let split = &p["pairing_s_per_card"];
+    if get(split, "cards") > 0.0 {
+        format!("{:.1}%", get(split, part) / get(p, "wall_per_card_per_reader_s") * 100.0)
+    } else {
+        "-".into()
+    }
 }
 
 fn overhead(a: &OverheadArgs) -> anyhow::Result<Value> {
