@@ -243,6 +243,8 @@ pub(super) fn before(conn: &Connection, op: &Op) -> rusqlite::Result<Before> {
     match op {
         Op::Many(_) | Op::StartBatch(_) => {}
         Op::FinishBatch { batch, .. } => keys.push(Key::Batch(*batch)),
+        // A journal line other than an intent only adds its steps row.
+        Op::Step { event, .. } if *event != StepEvent::Intent => {}
         Op::BeginCard { card, .. }
         | Op::Step { card, .. }
         | Op::StepDone { card, .. }
