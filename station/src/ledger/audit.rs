@@ -972,3 +972,67 @@ pub fn parse_public_key(spec: &str) -> Result<VerifyingKey, String> {
         .and_then(|b| VerifyingKey::from_sec1_bytes(&b).ok())
         .ok_or_else(|| format!("{spec:?}: not a secp256k1 public key in hex, nor a file holding one"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{BatchInfo, Ledger};
+
+    #[test]
+    fn a_row_is_logged_in_full_once_then_as_its_changed_columns_and_replays_to_the_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("l.db");
+        let (l, w) = Ledger::open(&path).expect("open");
+        let b = l
+            .start_batch(BatchInfo {
+                name: "b".into(),
+                profile: "p".into(),
+                product: "x".into(),
+                firmware: "f".into(),
+                firmware_sha256: "00".into(),
+            })
+            .expect("batch");
+        let c = card::CardId([3; 10]);
+        l.begin_card(c, "r", b, "3B8F80", "CPLC-TEXT").expect("begin");
+        l.step(c, 1, "identify", StepEvent::Intent, "", "r").expect("intent");
+        l.step(c, 1, "identify", StepEvent::Done, "ok", "r").expect("done");
+        drop(l);
+        w.close();
+        let conn = Connection::open(&path).expect("conn");
+        let rows: Vec<(String, Value)> = conn
+            .prepare("SELECT kind, detail FROM audit ORDER BY seq")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or(Value::Null))))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let kinds: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(kinds, ["batch_start", "card_begin", "step_intent", "step_done"]);
+        // The new card row in full, every column.
+        let begun = &rows[1].1["cards"][0];
+        assert_eq!(begun["cplc"], "CPLC-TEXT");
+        let columns: usize = conn
+            .query_row("SELECT COUNT(*) FROM pragma_table_info('cards')", [], |r| r.get::<_, i64>(0))
+            .expect("columns") as usize;
+        assert_eq!(begun.as_object().map(Map::len), Some(columns), "{begun}");
+        // The intent changed the card's current step: only that (and the
+        // time, when it moved) with the key.
+        let intent = rows[2].1["cards"][0].as_object().expect("a card change");
+        assert_eq!(intent.get("card_id"), Some(&json!(c.to_hex())));
+        assert_eq!(intent.get("current_step"), Some(&json!("identify")));
+        assert!(intent.keys().all(|k| ["card_id", "current_step", "updated_at"].contains(&k.as_str())), "{intent:?}");
+        assert_eq!(rows[2].1["steps"][0]["event"], "intent");
+        // A done line changes no card: only its journal row is logged.
+        assert!(rows[3].1.get("cards").is_none(), "{}", rows[3].1);
+        assert_eq!(rows[3].1["steps"][0]["detail"], "ok");
+        // Replaying the changes gives the tables.
+        let report = verify(&path, None).expect("verify");
+        assert!(report.ok(), "{:?}", report.problems);
+        // And a column edited in the table is named against the replay.
+        conn.execute("UPDATE cards SET current_step = 'firmware'", []).expect("tamper");
+        let report = verify(&path, None).expect("verify");
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert_eq!(report.problems[0].seq, Some(3), "{}", report.problems[0]);
+        assert!(report.problems[0].message.contains("current_step is \"firmware\""), "{}", report.problems[0]);
+    }
+}
