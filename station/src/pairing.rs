@@ -381,27 +381,43 @@ fn role_name(i: usize) -> &'static str {
     if i == 0 { "primary" } else { "backup" }
 }
 
-/// Journals one pairing phase for every member.
-fn journal(
-    setup: &Setup,
-    members: &[Waiting],
-    phase: &'static str,
-    event: StepEvent,
-    detail: &str,
-) -> Result<(), PairError> {
-    // Every member's line in one transaction: one commit per phase.
-    let lines = members
+thread_local! {
+    /// This bundle thread's time in ledger commits (for the benchmarks).
+    static LEDGER_TIME: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
+}
+
+/// Runs a ledger call, adding its time to the bundle's ledger time.
+fn timed<R>(f: impl FnOnce() -> R) -> R {
+    let started = Instant::now();
+    let r = f();
+    LEDGER_TIME.with(|t| t.set(t.get() + started.elapsed()));
+    r
+}
+
+/// The journal lines of pairing phases (`(phase, event, detail)`, in
+/// order) for every member.
+fn lines(members: &[Waiting], phases: &[(&'static str, StepEvent, &str)]) -> Vec<StepLine> {
+    phases
         .iter()
-        .map(|w| StepLine {
-            card: w.card.card_id,
-            attempt: w.card.attempt,
-            step: phase,
-            event,
-            detail: detail.to_string(),
-            reader: w.lane.reader.to_string(),
+        .flat_map(|&(phase, event, detail)| {
+            members.iter().map(move |w| StepLine {
+                card: w.card.card_id,
+                attempt: w.card.attempt,
+                step: phase,
+                event,
+                detail: detail.to_string(),
+                reader: w.lane.reader.to_string(),
+            })
         })
-        .collect();
-    setup.ledger.steps(lines).map_err(|e| PairError {
+        .collect()
+}
+
+/// Journals pairing phase lines for every member, all in one transaction:
+/// one commit. A phase's `done` goes with the next phase's `intent`, so
+/// both are durable before the next phase touches a card, at one commit
+/// instead of two.
+fn journal(setup: &Setup, members: &[Waiting], phases: &[(&'static str, StepEvent, &str)]) -> Result<(), PairError> {
+    timed(|| setup.ledger.steps(lines(members, phases))).map_err(|e| PairError {
         culprit: None,
         failure: Failure {
             step: Step::Pairing,
@@ -425,7 +441,10 @@ fn form_bundle(setup: &Setup, members: Vec<Waiting>) -> (Vec<Waiting>, Option<He
     let id = hex::encode_upper(bundle_id);
     let roles: Vec<(CardId, &'static str)> =
         members.iter().enumerate().map(|(i, w)| (w.card.card_id, role_name(i))).collect();
-    if let Err(e) = setup.ledger.bundle_start(&id, setup.batch_id, roles) {
+    LEDGER_TIME.with(|t| t.set(Duration::ZERO));
+    // The bundle and every member's first pairing intent in one commit.
+    let link = lines(&members, &[("pair_link", StepEvent::Intent, &format!("bundle {id}"))]);
+    if let Err(e) = timed(|| setup.ledger.bundle_start_then(&id, setup.batch_id, roles, link)) {
         // Nothing touched the cards yet; they go back to the pool.
         tracing::error!(bundle = %id, error = %e, "ledger refused a new bundle");
         let _ = setup.events.send(Event::Fatal { reader: members[0].lane.reader.clone(), error: e.to_string() });
@@ -434,7 +453,7 @@ fn form_bundle(setup: &Setup, members: Vec<Waiting>) -> (Vec<Waiting>, Option<He
     let _ =
         setup.events.send(Event::Bundle { bundle: id.clone(), status: BundleStatus::Forming, members: ids(&members) });
     let mut sealing = None;
-    match pair(setup, &members, &bundle_id, &mut sealing) {
+    let out = match pair(setup, &members, &bundle_id, &mut sealing) {
         Ok(wallet_key) => (seal_record(setup, &id, members, &wallet_key), None),
         // A member left the field while the bundle sealed: the others may
         // already be sealed and cannot be reset. Roll forward instead.
@@ -446,7 +465,9 @@ fn form_bundle(setup: &Setup, members: Vec<Waiting>) -> (Vec<Waiting>, Option<He
             }
         }
         Err(e) => (abort(setup, &id, members, e), None),
-    }
+    };
+    crate::worker::add_bundle_ledger_time(LEDGER_TIME.with(std::cell::Cell::get));
+    out
 }
 
 /// A bundle whose seal was interrupted by a member that left the field:
@@ -552,7 +573,7 @@ fn resume(setup: &Setup, mut held: Held, w: Waiting) {
             other => Err(lying(i, "wallet key differs", format!("the card shows {other:?}, not the bundle's key"))),
         }
     });
-    match checked.and_then(|()| journal(setup, &members, "pair_seal", StepEvent::Done, "resumed after a tear")) {
+    match checked.and_then(|()| journal(setup, &members, &[("pair_seal", StepEvent::Done, "resumed after a tear")])) {
         Ok(()) => {
             seal_record(setup, &id, members, &wallet_pub);
         }
@@ -606,8 +627,8 @@ fn pair(
     let label = hex::encode_upper(bundle_id);
 
     // Every member starts clean: a card left linked by an interrupted
-    // bundle is reset for rework first.
-    journal(setup, members, "pair_link", StepEvent::Intent, &format!("bundle {label}"))?;
+    // bundle is reset for rework first. (The `pair_link` intent was
+    // journaled with the bundle's start.)
     let infos = on_all(members, "select", (0..n).map(|i| (i, |w: &mut WalletClient<'_>| w.select())).collect())?;
     for (i, info) in infos.into_iter().enumerate() {
         if info.lifecycle == Lifecycle::Sealed {
@@ -667,45 +688,21 @@ fn pair(
         let cert = b.certificate.clone();
         on(members, 0, "add backup", move |w| w.add_backup(&cert, &att))?;
     }
-    journal(setup, members, "pair_link", StepEvent::Done, &format!("bundle {label}, {backups} backup(s)"))?;
+    journal(
+        setup,
+        members,
+        &[
+            ("pair_link", StepEvent::Done, &format!("bundle {label}, {backups} backup(s)")),
+            ("pair_transfer", StepEvent::Intent, ""),
+        ],
+    )?;
 
     // Transfer: primary -> each backup, relayed; the backup confirms over
     // the wallet key with its card key, the primary checks the confirmation.
-    journal(setup, members, "pair_transfer", StepEvent::Intent, "")?;
-    for i in 1..n {
-        let to = members[i].card.card_id;
-        let blob = on(members, 0, "export", move |w| w.export_to(&to))?;
-        let parsed = TransferBlob::parse(&blob).map_err(|e| lying(0, "transfer blob malformed", e.to_string()))?;
-        if parsed.bundle_id != bid
-            || parsed.from != primary.card_id
-            || parsed.to != to
-            || parsed.wallet_key != wallet_pub
-        {
-            return Err(lying(
-                0,
-                "transfer blob misaddressed",
-                "bundle, sender, recipient or wallet key differ".into(),
-            ));
-        }
-        let confirmation = on(members, i, "import", move |w| w.import(&blob))?;
-        let b = &members[i].card;
-        if confirmation.card_id != b.card_id
-            || confirmation.wallet_key != wallet_pub
-            || !wallet::verify_digest(
-                &b.card_key,
-                &bundle::confirm_digest(&bid, &b.card_id, &primary.card_id, &wallet_pub),
-                &confirmation.signature,
-            )
-        {
-            return Err(lying(i, "import confirmation invalid", "wrong key or signature".into()));
-        }
-        on(members, 0, "confirm backup", move |w| w.confirm_backup(&confirmation))?;
-    }
-    journal(setup, members, "pair_transfer", StepEvent::Done, "")?;
-
+    transfer(members, &bid, &wallet_pub)?;
     // Host check before sealing: every member proves, by signing a fresh
     // challenge with the wallet key, that it holds the same key.
-    journal(setup, members, "pair_prove", StepEvent::Intent, "")?;
+    journal(setup, members, &[("pair_transfer", StepEvent::Done, ""), ("pair_prove", StepEvent::Intent, "")])?;
     let challenges: Vec<[u8; 32]> = (0..n).map(|_| random()).collect();
     let proofs = on_all(
         members,
@@ -724,14 +721,20 @@ fn pair(
             return Err(lying(i, "wallet key differs", "the card does not prove the bundle's wallet key".into()));
         }
     }
-    journal(setup, members, "pair_prove", StepEvent::Done, "all members hold the wallet key")?;
-
     // Seal: backups first, the primary last (it checks all confirmed).
     // The wallet public key goes into every member's journal before the
     // first FINALIZE: a card torn while the bundle seals may end sealed in
     // a bundle the ledger records aborted, and the ledger must still know
     // which wallet key that card holds.
-    journal(setup, members, "pair_seal", StepEvent::Intent, &format!("wallet key {}", hex::encode_upper(wallet_pub)))?;
+    let seal_line = format!("wallet key {}", hex::encode_upper(wallet_pub));
+    journal(
+        setup,
+        members,
+        &[
+            ("pair_prove", StepEvent::Done, "all members hold the wallet key"),
+            ("pair_seal", StepEvent::Intent, &seal_line),
+        ],
+    )?;
     *sealing = Some(wallet_pub);
     // The backups finalize at the same time, each on its own reader (FINALIZE
     // and the SELECT that checks it); then the primary.
@@ -753,13 +756,99 @@ fn pair(
             return Err(lying(i, "not sealed after FINALIZE", format!("card reports {info:?}")));
         }
     }
-    journal(setup, members, "pair_seal", StepEvent::Done, "")?;
+    // The `pair_seal` result is journaled with the sealed bundle's record.
     Ok(wallet_pub)
+}
+
+/// Waits for a call started on member `who`; maps every error to it.
+fn wait<R>(
+    who: usize,
+    what: &'static str,
+    rx: Result<Receiver<Result<R, CardError>>, LaneGone>,
+) -> Result<R, PairError> {
+    match rx.and_then(|rx| rx.recv().map_err(|_| LaneGone)) {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(card_error(who, what, &e)),
+        Err(LaneGone) => Err(PairError {
+            culprit: Some(who),
+            failure: Failure {
+                step: Step::Pairing,
+                reason: format!("{what}: reader stopped"),
+                detail: "the reader's worker ended during pairing".into(),
+                retryable: true,
+            },
+        }),
+    }
+}
+
+/// The transfer, pipelined: the primary exports to each backup in turn,
+/// and each backup imports its checked blob on its own reader while the
+/// primary exports the next; each confirmation is checked and given to the
+/// primary as it comes, while later backups still import. Every check of
+/// the sequential relay is kept; every started call is waited for before
+/// an error is returned, so none still runs when the bundle aborts.
+fn transfer(members: &[Waiting], bid: &[u8; 16], wallet_pub: &[u8; 33]) -> Result<(), PairError> {
+    let n = members.len();
+    let primary = &members[0].card;
+    let bid = *bid;
+    let wallet_pub = *wallet_pub;
+    let mut imports = Vec::with_capacity(n - 1);
+    let mut failed: Option<PairError> = None;
+    for i in 1..n {
+        let to = members[i].card.card_id;
+        let blob = match on(members, 0, "export", move |w| w.export_to(&to)) {
+            Ok(b) => b,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        };
+        let checked = match TransferBlob::parse(&blob) {
+            Err(e) => Err(lying(0, "transfer blob malformed", e.to_string())),
+            Ok(p) if p.bundle_id != bid || p.from != primary.card_id || p.to != to || p.wallet_key != wallet_pub => {
+                Err(lying(0, "transfer blob misaddressed", "bundle, sender, recipient or wallet key differ".into()))
+            }
+            Ok(_) => Ok(()),
+        };
+        if let Err(e) = checked {
+            failed = Some(e);
+            break;
+        }
+        imports.push((i, members[i].lane.start(move |t| WalletClient::new(t).import(&blob))));
+    }
+    for (i, rx) in imports {
+        let confirmation = wait(i, "import", rx);
+        if failed.is_some() {
+            continue;
+        }
+        let b = &members[i].card;
+        let checked = confirmation.and_then(|c| {
+            if c.card_id != b.card_id
+                || c.wallet_key != wallet_pub
+                || !wallet::verify_digest(
+                    &b.card_key,
+                    &bundle::confirm_digest(&bid, &b.card_id, &primary.card_id, &wallet_pub),
+                    &c.signature,
+                )
+            {
+                return Err(lying(i, "import confirmation invalid", "wrong key or signature".into()));
+            }
+            on(members, 0, "confirm backup", move |w| w.confirm_backup(&c))
+        });
+        if let Err(e) = checked {
+            failed = Some(e);
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 fn seal_record(setup: &Setup, id: &str, members: Vec<Waiting>, wallet_pub: &[u8; 33]) -> Vec<Waiting> {
     let pub_hex = hex::encode_upper(wallet_pub);
-    match setup.ledger.bundle_sealed(id, &pub_hex) {
+    let done = lines(&members, &[("pair_seal", StepEvent::Done, "")]);
+    match timed(|| setup.ledger.bundle_sealed_after(done, id, &pub_hex)) {
         Ok(serials) => {
             if let Some(dir) = &setup.labels
                 && let Err(e) = write_label(dir, id, &members, &serials, wallet_pub)

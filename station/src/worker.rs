@@ -64,6 +64,51 @@ pub enum Event {
     },
 }
 
+/// Where the readers' wall time around pairing went, summed over the
+/// process: read by the benchmarks (`rig bench scaling`) to split a
+/// bundled card's time into its own work and the waiting that bundling
+/// adds. Updated once a card, by its worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PairingTimes {
+    /// Cards that waited for pairing.
+    pub cards: u64,
+    /// From the offer to the coordinator to the first pairing call on the
+    /// card: waiting for partners (and the bundle's start in the ledger).
+    pub partner_wait: Duration,
+    /// Running the coordinator's calls on this card (the card's own work).
+    pub card_calls: Duration,
+    /// From the first call to the verdict, minus the card's own calls: the
+    /// card waited while other members' calls, the host's checks and the
+    /// ledger's commits ran.
+    pub held: Duration,
+    /// Bundles formed (sealed or aborted).
+    pub bundles: u64,
+    /// The coordinator's ledger commits during those bundles' protocol
+    /// (every member waits through each: part of `held`).
+    pub bundle_ledger: Duration,
+}
+
+static PAIRING_TIMES: Mutex<PairingTimes> = Mutex::new(PairingTimes {
+    cards: 0,
+    partner_wait: Duration::ZERO,
+    card_calls: Duration::ZERO,
+    held: Duration::ZERO,
+    bundles: 0,
+    bundle_ledger: Duration::ZERO,
+});
+
+/// Adds one bundle's ledger time (by the coordinator).
+pub(crate) fn add_bundle_ledger_time(ledger: Duration) {
+    let mut times = PAIRING_TIMES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    times.bundles += 1;
+    times.bundle_ledger += ledger;
+}
+
+/// The pairing times summed so far in this process.
+pub fn pairing_times() -> PairingTimes {
+    *PAIRING_TIMES.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// How often a worker looks at its stop flag while waiting.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -466,20 +511,32 @@ fn serve_pairing(
     };
     let (tx, rx) = crossbeam_channel::unbounded();
     let waiting = Waiting { card: ready, lane: Lane::new(id.clone(), tx), since: Instant::now() };
+    let offered = Instant::now();
     if coordinator.offer(waiting).is_err() {
         return Err(gone());
     }
-    loop {
+    let (mut first_call, mut busy) = (None, Duration::ZERO);
+    let verdict = loop {
         match rx.recv() {
             Ok(LaneMsg::Job(job)) => {
+                let started = Instant::now();
+                first_call.get_or_insert(started);
                 // A panicking job must not take the reader down; the
                 // coordinator sees its reply channel close and aborts.
                 if std::panic::catch_unwind(AssertUnwindSafe(|| job(t))).is_err() {
                     tracing::error!(reader = %id, "pairing call panicked");
                 }
+                busy += started.elapsed();
             }
-            Ok(LaneMsg::Verdict(v)) => return v,
-            Err(_) => return Err(gone()),
+            Ok(LaneMsg::Verdict(v)) => break v,
+            Err(_) => break Err(gone()),
         }
-    }
+    };
+    let end = Instant::now();
+    let mut times = PAIRING_TIMES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    times.cards += 1;
+    times.partner_wait += first_call.unwrap_or(end) - offered;
+    times.card_calls += busy;
+    times.held += first_call.map_or(Duration::ZERO, |f| (end - f).saturating_sub(busy));
+    verdict
 }

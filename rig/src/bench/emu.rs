@@ -74,6 +74,9 @@ pub struct Run {
     /// rate a line holds for hours, without the batch's start (every reader
     /// begins at once) and its end (the last cards wait for partners).
     pub steady_cards_per_hour: f64,
+    /// Where bundled cards' reader time went around pairing (the process's
+    /// sums; each scaling point runs in its own process).
+    pub pairing: station::worker::PairingTimes,
 }
 
 impl Run {
@@ -383,6 +386,7 @@ pub fn run(
         ledger_wait: writes.get(),
         events,
         steady_cards_per_hour: steady_rate(&outcome_at) * 3600.0,
+        pairing: station::worker::pairing_times(),
     })
 }
 

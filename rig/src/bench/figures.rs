@@ -61,7 +61,24 @@ pub fn run_json(r: &Run) -> Value {
         "ledger_wait_s": r.ledger_wait.as_secs_f64(),
         "emulator_apdu_cpu_s": r.emulator_apdu.as_secs_f64(),
         "emulator_factory_cpu_s": r.emulator_factory.as_secs_f64(),
+        "pairing_s_per_card": pairing_json(r),
         "threads_cpu_s": r.threads.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+/// A bundled card's reader time around pairing, seconds per paired card:
+/// waiting for partners, its own pairing calls, and held while the other
+/// members' calls, the host's checks and the ledger ran.
+fn pairing_json(r: &Run) -> Value {
+    let p = &r.pairing;
+    let per = |d: std::time::Duration| d.as_secs_f64() / p.cards.max(1) as f64;
+    json!({
+        "cards": p.cards,
+        "partner_wait": per(p.partner_wait),
+        "card_calls": per(p.card_calls),
+        "held": per(p.held),
+        "bundles": p.bundles,
+        "ledger_per_bundle": p.bundle_ledger.as_secs_f64() / p.bundles.max(1) as f64,
     })
 }
 

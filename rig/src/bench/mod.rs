@@ -262,6 +262,9 @@ fn scaling_table(v: &Value) -> String {
                         f(get(p, "overhead_ratio"), 3),
                         f(get(p, "cpu_s_per_card") * 1000.0, 1),
                         f(get(p, "peak_rss_kb") / 1024.0, 1),
+                        pairing_share(p, "partner_wait"),
+                        pairing_share(p, "card_calls"),
+                        pairing_share(p, "held"),
                     ]
                 })
                 .collect()
@@ -281,11 +284,25 @@ fn scaling_table(v: &Value) -> String {
                 "work eff.",
                 "wall/modeled",
                 "CPU ms/card",
-                "peak RSS MiB"
+                "peak RSS MiB",
+                "partner wait",
+                "pair calls",
+                "held"
             ],
             &rows
         )
     )
+}
+
+/// One part of a bundled card's pairing time as a share of a reader's wall
+/// time per card ("-" without bundling).
+fn pairing_share(p: &Value, part: &str) -> String {
+    let split = &p["pairing_s_per_card"];
+    if get(split, "cards") > 0.0 {
+        format!("{:.1}%", get(split, part) / get(p, "wall_per_card_per_reader_s") * 100.0)
+    } else {
+        "-".into()
+    }
 }
 
 fn overhead(a: &OverheadArgs) -> anyhow::Result<Value> {
@@ -353,6 +370,14 @@ fn host_figures(a: &HostArgs) -> anyhow::Result<Value> {
         "coordination": t("batch") + t("live") + t("pairing") + t("ended threads"),
     });
     v["cards_per_second"] = json!(r.cards as f64 / r.wall.as_secs_f64());
+    // The ledger file once its writer closed (the WAL checkpointed into it):
+    // tables, journal and audit log.
+    let bytes: u64 = ["ledger.db", "ledger.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.path().join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    v["ledger_bytes_per_card"] = json!(bytes as f64 / r.cards.max(1) as f64);
     v["split_cpu_s"] = split;
     v["load"] = load_line();
     Ok(v)
@@ -370,11 +395,12 @@ fn host_table(v: &Value) -> String {
     }
     rows.push(vec!["total (process)".into(), f(total / cards * 1000.0, 2), "100%".into()]);
     format!(
-        "host cost: {} instant cards on {} readers in {:.2} s: {:.1} cards/s\n{}",
+        "host cost: {} instant cards on {} readers in {:.2} s: {:.1} cards/s, ledger {:.1} KB a card\n{}",
         cards,
         get(v, "readers"),
         get(v, "wall_s"),
         get(v, "cards_per_second"),
+        get(v, "ledger_bytes_per_card") / 1000.0,
         table(&["where", "CPU ms/card", "share"], &rows)
     )
 }

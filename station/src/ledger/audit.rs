@@ -5,8 +5,11 @@
 //!
 //! Every write op appends its audit row in the same savepoint as its
 //! change (writer thread, same transaction as the group commit), so a crash
-//! leaves both or neither. Each row carries snapshots of the rows the op
-//! left behind; the last snapshot of a row is what the table must hold.
+//! leaves both or neither. Each row carries what the op changed: a new row
+//! in full, a changed row as its key and the columns that changed (against
+//! the row as it was just before the op, read in the same savepoint), and
+//! the journal rows it added; replaying the log gives what every table must
+//! hold.
 //! The hash is SHA-256(prev_hash || canonical encoding of the row with its
 //! seq); a plain hash chain only shows edits by someone who does not
 //! recompute it, so `finish_batch` signs the head (k256 ECDSA) and verify
@@ -17,7 +20,7 @@ use std::path::Path;
 
 use k256::ecdsa::signature::{Signer, Verifier};
 use k256::ecdsa::{Signature, SigningKey, VerifyingKey};
-use rusqlite::types::ValueRef;
+use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -138,9 +141,10 @@ fn value_json(v: ValueRef<'_>) -> Value {
     }
 }
 
-/// Every row `sql` selects, as JSON objects of column name to value.
+/// Every row `sql` selects, as JSON objects of column name to value. The
+/// statement is cached: the writer runs the same few on every op.
 fn rows_json(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<Vec<Value>> {
-    let mut stmt = conn.prepare(sql)?;
+    let mut stmt = conn.prepare_cached(sql)?;
     let names: Vec<String> = stmt.column_names().map(str::to_string).collect();
     let mut rows = stmt.query(p)?;
     let mut out = Vec::new();
@@ -154,34 +158,178 @@ fn rows_json(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite
     Ok(out)
 }
 
-fn card_rows(conn: &Connection, ids: &[String]) -> rusqlite::Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for id in ids {
-        out.extend(rows_json(conn, "SELECT * FROM cards WHERE card_id = ?1", [id])?);
+fn bundle_row(conn: &Connection, id: &str) -> rusqlite::Result<Option<Value>> {
+    let Some(mut row) = rows_json(conn, "SELECT * FROM bundles WHERE bundle_id = ?1", [id])?.pop() else {
+        return Ok(None);
+    };
+    let members =
+        rows_json(conn, "SELECT * FROM bundle_members WHERE bundle_id = ?1 ORDER BY position, card_id", [id])?;
+    if let Value::Object(m) = &mut row {
+        m.insert("members".into(), Value::Array(members));
     }
-    Ok(out)
-}
-
-fn bundle_rows(conn: &Connection, id: &str) -> rusqlite::Result<Vec<Value>> {
-    let mut rows = rows_json(conn, "SELECT * FROM bundles WHERE bundle_id = ?1", [id])?;
-    for r in &mut rows {
-        let members =
-            rows_json(conn, "SELECT * FROM bundle_members WHERE bundle_id = ?1 ORDER BY position, card_id", [id])?;
-        if let Value::Object(m) = r {
-            m.insert("members".into(), Value::Array(members));
-        }
-    }
-    Ok(rows)
+    Ok(Some(row))
 }
 
 /// The largest `steps.id` (the journal rows an op adds are those above it).
-pub(super) fn last_step_id(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT COALESCE(MAX(id), 0) FROM steps", [], |r| r.get(0))
+fn last_step_id(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT COALESCE(MAX(id), 0) FROM steps")?.query_row([], |r| r.get(0))
+}
+
+/// A row of a state table an op may change, by key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    Batch(i64),
+    Card(String),
+    Bundle(String),
+}
+
+impl Key {
+    fn table(&self) -> &'static str {
+        match self {
+            Self::Batch(_) => "batches",
+            Self::Card(_) => "cards",
+            Self::Bundle(_) => "bundles",
+        }
+    }
+
+    fn column(&self) -> &'static str {
+        match self {
+            Self::Batch(_) => "id",
+            Self::Card(_) => "card_id",
+            Self::Bundle(_) => "bundle_id",
+        }
+    }
+}
+
+/// A row as read before an op: a batch or card row as its raw column
+/// values (compared column by column afterwards, only the changed ones
+/// turned into JSON), a bundle with its members as JSON.
+enum Snapshot {
+    Raw(Vec<SqlValue>),
+    Json(Value),
+}
+
+const BATCH_ROW: &str = "SELECT * FROM batches WHERE id = ?1";
+const CARD_ROW: &str = "SELECT * FROM cards WHERE card_id = ?1";
+
+fn read_raw(conn: &Connection, key: &Key) -> rusqlite::Result<Option<Vec<SqlValue>>> {
+    let (sql, p): (&str, &dyn rusqlite::ToSql) = match key {
+        Key::Batch(id) => (BATCH_ROW, id),
+        Key::Card(id) => (CARD_ROW, id),
+        Key::Bundle(_) => return Ok(None),
+    };
+    let mut stmt = conn.prepare_cached(sql)?;
+    let n = stmt.column_count();
+    stmt.query_row([p], |r| (0..n).map(|i| r.get::<_, SqlValue>(i)).collect::<Result<Vec<_>, _>>()).optional()
+}
+
+fn snapshot(conn: &Connection, key: &Key) -> rusqlite::Result<Option<Snapshot>> {
+    Ok(match key {
+        Key::Bundle(id) => bundle_row(conn, id)?.map(Snapshot::Json),
+        other => read_raw(conn, other)?.map(Snapshot::Raw),
+    })
+}
+
+/// The rows an op may change, as they stood before it ran (None: not there
+/// yet), and the journal's last id: what [`record`] diffs against.
+pub(super) struct Before {
+    steps: i64,
+    rows: Vec<(Key, Option<Snapshot>)>,
+}
+
+/// Reads what `op` may change, just before it is applied (same savepoint).
+pub(super) fn before(conn: &Connection, op: &Op) -> rusqlite::Result<Before> {
+    let mut keys: Vec<Key> = Vec::new();
+    match op {
+        Op::Many(_) | Op::StartBatch(_) => {}
+        Op::FinishBatch { batch, .. } => keys.push(Key::Batch(*batch)),
+        // A journal line other than an intent only adds its steps row.
+        Op::Step { event, .. } if *event != StepEvent::Intent => {}
+        Op::BeginCard { card, .. }
+        | Op::Step { card, .. }
+        | Op::StepDone { card, .. }
+        | Op::Pass { card, .. }
+        | Op::Ready { card, .. }
+        | Op::Fail { card, .. } => keys.push(Key::Card(card.to_hex())),
+        // It adds the bundle and its members; the cards are not changed.
+        Op::BundleStart { bundle, .. } => keys.push(Key::Bundle(bundle.clone())),
+        Op::BundleSealed { bundle, .. } | Op::BundleAborted { bundle, .. } => {
+            keys.push(Key::Bundle(bundle.clone()));
+            let mut stmt =
+                conn.prepare_cached("SELECT card_id FROM bundle_members WHERE bundle_id = ?1 ORDER BY position")?;
+            let ids = stmt.query_map([bundle], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+            keys.extend(ids.into_iter().map(Key::Card));
+        }
+    }
+    let mut rows = Vec::with_capacity(keys.len());
+    for key in keys {
+        let snap = snapshot(conn, &key)?;
+        rows.push((key, snap));
+    }
+    Ok(Before { steps: last_step_id(conn)?, rows })
+}
+
+/// What became of one row since `before`: all of it when it is new, else
+/// its key and the columns whose values changed (a bundle's `members`
+/// count as one column); None when nothing changed or the row is not
+/// there. Also the row's `batch_id`.
+fn change(conn: &Connection, key: &Key, before: Option<&Snapshot>) -> rusqlite::Result<(Option<Value>, Option<i64>)> {
+    let key_col = key.column();
+    let changed = |name: &str, differs: bool| differs || name == key_col;
+    if let Key::Bundle(id) = key {
+        let Some(Value::Object(now)) = bundle_row(conn, id)? else { return Ok((None, None)) };
+        let batch = now.get("batch_id").and_then(Value::as_i64);
+        let old = match before {
+            Some(Snapshot::Json(Value::Object(m))) => Some(m),
+            _ => None,
+        };
+        let mut out = Map::new();
+        for (k, v) in now {
+            if changed(&k, old.is_none_or(|o| o.get(&k) != Some(&v))) {
+                out.insert(k, v);
+            }
+        }
+        return Ok(((out.len() > 1).then_some(Value::Object(out)), batch));
+    }
+    let (sql, p): (&str, &dyn rusqlite::ToSql) = match key {
+        Key::Batch(id) => (BATCH_ROW, id),
+        Key::Card(id) => (CARD_ROW, id),
+        Key::Bundle(_) => unreachable!("handled above"),
+    };
+    let old = match before {
+        Some(Snapshot::Raw(v)) => Some(v),
+        _ => None,
+    };
+    let mut stmt = conn.prepare_cached(sql)?;
+    let names: Vec<String> = stmt.column_names().map(str::to_string).collect();
+    let found = stmt
+        .query_row([p], |r| {
+            let mut out = Map::new();
+            let mut batch = None;
+            for (i, name) in names.iter().enumerate() {
+                let v = r.get_ref(i)?;
+                if name == "batch_id" {
+                    batch = v.as_i64_or_null().ok().flatten();
+                }
+                let differs = old.and_then(|o| o.get(i)).is_none_or(|o| ValueRef::from(o) != v);
+                if changed(name, differs) {
+                    out.insert(name.clone(), value_json(v));
+                }
+            }
+            Ok((out, batch))
+        })
+        .optional()?;
+    Ok(match found {
+        Some((out, batch)) if out.len() > 1 => (Some(Value::Object(out)), batch),
+        Some((_, batch)) => (None, batch),
+        None => (None, None),
+    })
 }
 
 fn last_row(conn: &Connection) -> rusqlite::Result<(i64, String)> {
     Ok(conn
-        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?
         .unwrap_or((0, GENESIS.to_string())))
 }
@@ -209,61 +357,38 @@ fn append(
         hash: String::new(),
     };
     row.hash = row.compute_hash();
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO audit (seq, batch_id, at, kind, card_id, step, detail, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![row.seq, row.batch_id, row.at, row.kind, row.card_id, row.step, row.detail, row.prev_hash, row.hash],
-    )?;
+    )?
+    .execute(params![
+        row.seq,
+        row.batch_id,
+        row.at,
+        row.kind,
+        row.card_id,
+        row.step,
+        row.detail,
+        row.prev_hash,
+        row.hash
+    ])?;
     Ok(row)
 }
 
-fn batch_of(rows: &[Value]) -> Option<i64> {
-    rows.first().and_then(|r| r.get("batch_id")).and_then(Value::as_i64)
-}
-
-/// Appends the audit row(s) of an op that has just been applied; `steps_before`
-/// is the journal's last id before it ran.
-pub(super) fn record(conn: &Connection, op: &Op, reply: &Reply, at: &str, steps_before: i64) -> rusqlite::Result<()> {
-    let steps = rows_json(conn, "SELECT * FROM steps WHERE id > ?1 ORDER BY id", [steps_before])?;
-    let card_op = |card: &card::CardId, kind: &str, step: Option<&str>, op_detail: Value| {
-        let id = card.to_hex();
-        let cards = card_rows(conn, std::slice::from_ref(&id))?;
-        let detail = json!({ "op": op_detail, "cards": cards, "steps": steps });
-        append(conn, batch_of(&cards), at, kind, Some(&id), step, &detail).map(|_| ())
-    };
-    match op {
+/// Appends the audit row(s) of an op that has just been applied, given what
+/// its rows were before ([`before`]). The detail holds the op's own fields
+/// (`op`), each row it changed (`batches`, `cards`, `bundles`: a new row in
+/// full, a changed one as its key and the changed columns) and the journal
+/// rows it added (`steps`, in full); replaying the log row by row gives the
+/// tables.
+pub(super) fn record(conn: &Connection, op: &Op, reply: &Reply, at: &str, before: &Before) -> rusqlite::Result<()> {
+    let (kind, card, step, op_detail): (&str, Option<&card::CardId>, Option<&str>, Value) = match op {
         // The writer records each part of a `Many` on its own.
-        Op::Many(_) => Ok(()),
-        Op::StartBatch(b) => {
-            let Reply::Id(id) = reply else { return Ok(()) };
-            let batches = rows_json(conn, "SELECT * FROM batches WHERE id = ?1", [id])?;
-            let detail = json!({ "op": { "name": b.name }, "batches": batches });
-            append(conn, Some(*id), at, "batch_start", None, None, &detail).map(|_| ())
-        }
-        Op::FinishBatch { batch, key } => {
-            let batches = rows_json(conn, "SELECT * FROM batches WHERE id = ?1", [batch])?;
-            let detail = json!({ "op": {}, "batches": batches });
-            let finish = append(conn, Some(*batch), at, "batch_finish", None, None, &detail)?;
-            let counts = batch_counts(conn, *batch, finish.seq)?;
-            let message = head_message(*batch, finish.seq, &finish.hash, &counts);
-            let (public_key, signature) = match key {
-                Some(k) => {
-                    let sig: Signature = k.0.sign(&message);
-                    (Value::String(k.public_hex()), Value::String(hex::encode_upper(sig.to_bytes())))
-                }
-                None => (Value::Null, Value::Null),
-            };
-            let detail = json!({
-                "head_seq": finish.seq,
-                "head_hash": finish.hash,
-                "counts": counts,
-                "public_key": public_key,
-                "signature": signature,
-            });
-            append(conn, Some(*batch), at, "head", None, None, &detail).map(|_| ())
-        }
+        Op::Many(_) => return Ok(()),
+        Op::StartBatch(b) => ("batch_start", None, None, json!({ "name": b.name })),
+        Op::FinishBatch { .. } => ("batch_finish", None, None, json!({})),
         Op::BeginCard { card, reader, batch, .. } => {
-            card_op(card, "card_begin", None, json!({ "reader": reader, "batch": batch }))
+            ("card_begin", Some(card), None, json!({ "reader": reader, "batch": batch }))
         }
         Op::Step { card, attempt, step, event, detail, reader } => {
             let kind = match event {
@@ -272,46 +397,78 @@ pub(super) fn record(conn: &Connection, op: &Op, reply: &Reply, at: &str, steps_
                 StepEvent::Failed => "step_failed",
                 StepEvent::Refused => "step_refused",
             };
-            card_op(card, kind, Some(step), json!({ "attempt": attempt, "detail": detail, "reader": reader }))
+            (kind, Some(card), Some(step.as_str()), json!({ "attempt": attempt, "detail": detail, "reader": reader }))
         }
         Op::StepDone { card, attempt, step, detail, .. } => {
-            card_op(card, "step_done", Some(step), json!({ "attempt": attempt, "detail": detail }))
+            ("step_done", Some(card), Some(step.as_str()), json!({ "attempt": attempt, "detail": detail }))
         }
         Op::Pass { card, attempt, stage } => {
             let serial = match reply {
                 Reply::Id(s) => Some(*s),
                 _ => None,
             };
-            card_op(card, "card_pass", Some("record"), json!({ "attempt": attempt, "stage": stage, "serial": serial }))
+            ("card_pass", Some(card), Some("record"), json!({ "attempt": attempt, "stage": stage, "serial": serial }))
         }
-        Op::Ready { card, attempt } => card_op(card, "card_ready", Some("record"), json!({ "attempt": attempt })),
-        Op::Fail { card, attempt, step, reason, retryable, .. } => card_op(
-            card,
+        Op::Ready { card, attempt } => ("card_ready", Some(card), Some("record"), json!({ "attempt": attempt })),
+        Op::Fail { card, attempt, step, reason, retryable, .. } => (
             "card_fail",
-            Some(step),
+            Some(card),
+            Some(step.as_str()),
             json!({ "attempt": attempt, "reason": reason, "retryable": retryable }),
         ),
-        Op::BundleStart { bundle, batch, .. } => {
-            let bundles = bundle_rows(conn, bundle)?;
-            let detail = json!({ "op": { "bundle": bundle }, "bundles": bundles, "steps": steps });
-            append(conn, Some(*batch), at, "bundle_start", None, None, &detail).map(|_| ())
-        }
-        Op::BundleSealed { bundle, .. } | Op::BundleAborted { bundle, .. } => {
-            let bundles = bundle_rows(conn, bundle)?;
-            let ids: Vec<String> = bundles
-                .iter()
-                .flat_map(|b| b.get("members").and_then(Value::as_array).cloned().unwrap_or_default())
-                .filter_map(|m| m.get("card_id").and_then(Value::as_str).map(str::to_string))
-                .collect();
-            let (kind, cards) = match op {
-                Op::BundleSealed { .. } => ("bundle_sealed", card_rows(conn, &ids)?),
-                _ => ("bundle_aborted", Vec::new()),
+        Op::BundleStart { bundle, .. } => ("bundle_start", None, None, json!({ "bundle": bundle })),
+        Op::BundleSealed { bundle, .. } => ("bundle_sealed", None, None, json!({ "bundle": bundle })),
+        Op::BundleAborted { bundle, .. } => ("bundle_aborted", None, None, json!({ "bundle": bundle })),
+    };
+    // A new batch is read by the id it was given.
+    let new_batch = match (op, reply) {
+        (Op::StartBatch(_), Reply::Id(id)) => Some((Key::Batch(*id), None)),
+        _ => None,
+    };
+    let mut detail = Map::new();
+    detail.insert("op".into(), op_detail);
+    let mut batch_id = None;
+    for (key, old) in before.rows.iter().chain(new_batch.iter()) {
+        let (c, batch) = change(conn, key, old.as_ref())?;
+        if batch_id.is_none() {
+            batch_id = match key {
+                Key::Batch(id) => Some(*id),
+                _ => batch,
             };
-            let batch = batch_of(&bundles);
-            let detail = json!({ "op": { "bundle": bundle }, "bundles": bundles, "cards": cards, "steps": steps });
-            append(conn, batch, at, kind, None, None, &detail).map(|_| ())
+        }
+        if let Some(c) = c
+            && let Value::Array(list) = detail.entry(key.table()).or_insert_with(|| Value::Array(Vec::new()))
+        {
+            list.push(c);
         }
     }
+    let steps = rows_json(conn, "SELECT * FROM steps WHERE id > ?1 ORDER BY id", [before.steps])?;
+    if !steps.is_empty() {
+        detail.insert("steps".into(), Value::Array(steps));
+    }
+    let card_hex = card.map(card::CardId::to_hex);
+    let detail = Value::Object(detail);
+    let row = append(conn, batch_id, at, kind, card_hex.as_deref(), step, &detail)?;
+    if let Op::FinishBatch { batch, key } = op {
+        let counts = batch_counts(conn, *batch, row.seq)?;
+        let message = head_message(*batch, row.seq, &row.hash, &counts);
+        let (public_key, signature) = match key {
+            Some(k) => {
+                let sig: Signature = k.0.sign(&message);
+                (Value::String(k.public_hex()), Value::String(hex::encode_upper(sig.to_bytes())))
+            }
+            None => (Value::Null, Value::Null),
+        };
+        let detail = json!({
+            "head_seq": row.seq,
+            "head_hash": row.hash,
+            "counts": counts,
+            "public_key": public_key,
+            "signature": signature,
+        });
+        append(conn, Some(*batch), at, "head", None, None, &detail)?;
+    }
+    Ok(())
 }
 
 fn batch_counts(conn: &Connection, batch: i64, seq: i64) -> rusqlite::Result<Value> {
@@ -348,7 +505,7 @@ pub(super) fn adopt(conn: &Connection, from_version: usize, at: &str) -> rusqlit
     let mut bundles = Vec::new();
     for id in rows_json(conn, "SELECT bundle_id FROM bundles ORDER BY bundle_id", [])? {
         if let Some(id) = id.get("bundle_id").and_then(Value::as_str) {
-            bundles.extend(bundle_rows(conn, id)?);
+            bundles.extend(bundle_row(conn, id)?);
         }
     }
     let steps = rows_json(conn, "SELECT * FROM steps ORDER BY id", [])?;
@@ -438,8 +595,8 @@ fn problem(seq: Option<i64>, table: &str, kind: ProblemKind, message: impl Into<
     Problem { seq, table: table.to_string(), kind, message: message.into() }
 }
 
-/// State as the log says it is: the last snapshot of every row, with the
-/// seq that wrote it.
+/// State as the log says it is: every row as its logged changes left it,
+/// with the seq of the last change.
 #[derive(Default)]
 struct Replay {
     batches: Logged,
@@ -448,7 +605,7 @@ struct Replay {
     steps: Logged,
 }
 
-/// Key -> (seq of the last snapshot, the snapshot).
+/// Key -> (seq of the last change, the row it gives).
 type Logged = BTreeMap<String, (i64, Value)>;
 
 impl Replay {
@@ -461,8 +618,16 @@ impl Replay {
         ];
         for (table, key, map) in tables {
             for row in detail.get(table).and_then(Value::as_array).into_iter().flatten() {
-                if let Some(k) = row.get(key) {
-                    map.insert(key_text(k), (seq, row.clone()));
+                // A row is logged in full when new and as its changed
+                // columns after that: laid over what the log held before.
+                if let (Some(k), Some(cols)) = (row.get(key), row.as_object()) {
+                    let entry = map.entry(key_text(k)).or_insert_with(|| (seq, Value::Object(Map::new())));
+                    entry.0 = seq;
+                    if let Value::Object(state) = &mut entry.1 {
+                        for (c, v) in cols {
+                            state.insert(c.clone(), v.clone());
+                        }
+                    }
                 }
             }
         }
@@ -806,4 +971,68 @@ pub fn parse_public_key(spec: &str) -> Result<VerifyingKey, String> {
         .ok()
         .and_then(|b| VerifyingKey::from_sec1_bytes(&b).ok())
         .ok_or_else(|| format!("{spec:?}: not a secp256k1 public key in hex, nor a file holding one"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{BatchInfo, Ledger};
+
+    #[test]
+    fn a_row_is_logged_in_full_once_then_as_its_changed_columns_and_replays_to_the_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("l.db");
+        let (l, w) = Ledger::open(&path).expect("open");
+        let b = l
+            .start_batch(BatchInfo {
+                name: "b".into(),
+                profile: "p".into(),
+                product: "x".into(),
+                firmware: "f".into(),
+                firmware_sha256: "00".into(),
+            })
+            .expect("batch");
+        let c = card::CardId([3; 10]);
+        l.begin_card(c, "r", b, "3B8F80", "CPLC-TEXT").expect("begin");
+        l.step(c, 1, "identify", StepEvent::Intent, "", "r").expect("intent");
+        l.step(c, 1, "identify", StepEvent::Done, "ok", "r").expect("done");
+        drop(l);
+        w.close();
+        let conn = Connection::open(&path).expect("conn");
+        let rows: Vec<(String, Value)> = conn
+            .prepare("SELECT kind, detail FROM audit ORDER BY seq")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or(Value::Null))))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let kinds: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(kinds, ["batch_start", "card_begin", "step_intent", "step_done"]);
+        // The new card row in full, every column.
+        let begun = &rows[1].1["cards"][0];
+        assert_eq!(begun["cplc"], "CPLC-TEXT");
+        let columns: usize = conn
+            .query_row("SELECT COUNT(*) FROM pragma_table_info('cards')", [], |r| r.get::<_, i64>(0))
+            .expect("columns") as usize;
+        assert_eq!(begun.as_object().map(Map::len), Some(columns), "{begun}");
+        // The intent changed the card's current step: only that (and the
+        // time, when it moved) with the key.
+        let intent = rows[2].1["cards"][0].as_object().expect("a card change");
+        assert_eq!(intent.get("card_id"), Some(&json!(c.to_hex())));
+        assert_eq!(intent.get("current_step"), Some(&json!("identify")));
+        assert!(intent.keys().all(|k| ["card_id", "current_step", "updated_at"].contains(&k.as_str())), "{intent:?}");
+        assert_eq!(rows[2].1["steps"][0]["event"], "intent");
+        // A done line changes no card: only its journal row is logged.
+        assert!(rows[3].1.get("cards").is_none(), "{}", rows[3].1);
+        assert_eq!(rows[3].1["steps"][0]["detail"], "ok");
+        // Replaying the changes gives the tables.
+        let report = verify(&path, None).expect("verify");
+        assert!(report.ok(), "{:?}", report.problems);
+        // And a column edited in the table is named against the replay.
+        conn.execute("UPDATE cards SET current_step = 'firmware'", []).expect("tamper");
+        let report = verify(&path, None).expect("verify");
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert_eq!(report.problems[0].seq, Some(3), "{}", report.problems[0]);
+        assert!(report.problems[0].message.contains("current_step is \"firmware\""), "{}", report.problems[0]);
+    }
 }

@@ -243,6 +243,20 @@ impl Op {
     }
 }
 
+fn step_ops(lines: Vec<StepLine>) -> Vec<Op> {
+    lines
+        .into_iter()
+        .map(|l| Op::Step {
+            card: l.card,
+            attempt: l.attempt,
+            step: l.step.to_string(),
+            event: l.event,
+            detail: l.detail,
+            reader: l.reader,
+        })
+        .collect()
+}
+
 /// A step's success that the recipe writes together with the card's next
 /// change (the next step's intent, its failure, or the card's result), in
 /// one transaction: both are durable before the next step touches the
@@ -644,18 +658,7 @@ impl Ledger {
     /// Several journal lines (e.g. one pairing phase for every member of a
     /// bundle) in one transaction: one commit for all.
     pub fn steps(&self, lines: Vec<StepLine>) -> Result<(), LedgerError> {
-        let ops = lines
-            .into_iter()
-            .map(|l| Op::Step {
-                card: l.card,
-                attempt: l.attempt,
-                step: l.step.to_string(),
-                event: l.event,
-                detail: l.detail,
-                reader: l.reader,
-            })
-            .collect();
-        self.call(Op::Many(ops)).map(|_| ())
+        self.call(Op::Many(step_ops(lines))).map(|_| ())
     }
 
     /// Records a step's success together with what it established.
@@ -725,6 +728,37 @@ impl Ledger {
         match self.call(Op::BundleSealed { bundle: bundle.to_string(), wallet_pubkey: wallet_pubkey.to_string() })? {
             Reply::Serials(v) => Ok(v),
             Reply::Queued => Ok(Vec::new()),
+            _ => Err(LedgerError::WriterGone),
+        }
+    }
+
+    /// [`Ledger::bundle_start`] and then journal `lines` (the members'
+    /// first pairing intent), in one transaction.
+    pub fn bundle_start_then(
+        &self,
+        bundle: &str,
+        batch: i64,
+        members: Vec<(CardId, &'static str)>,
+        lines: Vec<StepLine>,
+    ) -> Result<(), LedgerError> {
+        let members = members.into_iter().map(|(c, r)| (c, r.to_string())).collect();
+        let mut ops = vec![Op::BundleStart { bundle: bundle.to_string(), batch, members }];
+        ops.extend(step_ops(lines));
+        self.call(Op::Many(ops)).map(|_| ())
+    }
+
+    /// Journal `lines` (the members' last pairing result) and then
+    /// [`Ledger::bundle_sealed`], in one transaction.
+    pub fn bundle_sealed_after(
+        &self,
+        lines: Vec<StepLine>,
+        bundle: &str,
+        wallet_pubkey: &str,
+    ) -> Result<Vec<(CardId, i64)>, LedgerError> {
+        let mut ops = step_ops(lines);
+        ops.push(Op::BundleSealed { bundle: bundle.to_string(), wallet_pubkey: wallet_pubkey.to_string() });
+        match self.call(Op::Many(ops))? {
+            Reply::Serials(v) => Ok(v),
             _ => Err(LedgerError::WriterGone),
         }
     }
@@ -823,9 +857,9 @@ impl Backend for SqliteBackend {
                 // Each change of a request gets its own audit row, right
                 // after it is applied; the reply is the last change's.
                 let r = op.parts().into_iter().try_fold(Reply::Unit, |_, op| {
-                    let steps_before = audit::last_step_id(&sp)?;
+                    let before = audit::before(&sp, op)?;
                     let reply = apply(&sp, op, ts, station)?;
-                    audit::record(&sp, op, &reply, ts, steps_before)?;
+                    audit::record(&sp, op, &reply, ts, &before)?;
                     Ok::<_, ApplyError>(reply)
                 });
                 match r {
