@@ -37,6 +37,29 @@ need_packages() {
   fi
 }
 
+# need_postgres: a PostgreSQL server for the fleet tests
+# (station/tests/fleet.rs) at 127.0.0.1:5432 that user postgres reaches
+# without a password, unless TAPLINE_TEST_PG names another. When nothing
+# answers there, installs Debian's postgresql, lets loopback TCP in with
+# trust (a test machine only) and starts the cluster.
+need_postgres() {
+  [ -n "${TAPLINE_TEST_PG:-}" ] && return 0
+  need_packages postgresql-client
+  pg_isready -q -h 127.0.0.1 -p 5432 && return 0
+  need_packages postgresql
+  local v hba
+  v=$(ls /etc/postgresql | sort -n | tail -n 1)
+  hba=/etc/postgresql/$v/main/pg_hba.conf
+  as_root grep -q '^host all all 127.0.0.1/32 trust' "$hba" || as_root sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+  as_root pg_ctlcluster "$v" main start 2>/dev/null || as_root pg_ctlcluster "$v" main reload
+  for _ in $(seq 30); do
+    pg_isready -q -h 127.0.0.1 -p 5432 && return 0
+    sleep 1
+  done
+  echo "PostgreSQL does not answer on 127.0.0.1:5432 (cluster $v)" >&2
+  exit 1
+}
+
 # need_rust: the workspace needs Rust 1.89 or newer (edition 2024).
 need_rust() {
   if ! command -v cargo >/dev/null 2>&1; then

@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 need_packages "${BUILD_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 need_rust
+need_postgres
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 

@@ -303,14 +303,40 @@ pub struct Recipe {
 
 /// The last attestation challenges this station process sent to each card
 /// (across batches: a daemon runs many), to recognise an old response
-/// played back: its signature verifies over one of them.
-static CHALLENGES: std::sync::LazyLock<Mutex<HashMap<CardId, Vec<[u8; 32]>>>> =
-    std::sync::LazyLock::new(Mutex::default);
+/// played back: its signature verifies over one of them. Bounded: the
+/// cards seen longest ago are forgotten first (a replay to a forgotten
+/// card is still refused, as a clone or a bad signature), so a station's
+/// memory stays flat however many cards it provisions.
+static CHALLENGES: std::sync::LazyLock<Mutex<Challenges>> = std::sync::LazyLock::new(Mutex::default);
 
-/// Challenges kept per card, and cards kept (then the memory starts over:
-/// a replay is still refused, as a clone or a bad signature).
+/// Challenges kept per card, and cards kept.
 const CHALLENGES_PER_CARD: usize = 4;
-const CHALLENGE_CARDS: usize = 100_000;
+const CHALLENGE_CARDS: usize = 1024;
+
+#[derive(Default)]
+struct Challenges {
+    by_card: HashMap<CardId, Vec<[u8; 32]>>,
+    /// Cards in the order first seen, oldest first.
+    order: std::collections::VecDeque<CardId>,
+}
+
+impl Challenges {
+    fn remember(&mut self, card: CardId, challenge: [u8; 32]) {
+        if !self.by_card.contains_key(&card) {
+            while self.order.len() >= CHALLENGE_CARDS {
+                if let Some(old) = self.order.pop_front() {
+                    self.by_card.remove(&old);
+                }
+            }
+            self.order.push_back(card);
+        }
+        let mine = self.by_card.entry(card).or_default();
+        if mine.len() >= CHALLENGES_PER_CARD {
+            mine.remove(0);
+        }
+        mine.push(challenge);
+    }
+}
 
 impl fmt::Debug for Recipe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -564,22 +590,16 @@ impl Recipe {
     /// sent.
     fn challenge(&self, card: CardId) -> [u8; 32] {
         let challenge: [u8; 32] = random();
-        let mut all = CHALLENGES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if all.len() >= CHALLENGE_CARDS && !all.contains_key(&card) {
-            all.clear();
-        }
-        let mine = all.entry(card).or_default();
-        if mine.len() >= CHALLENGES_PER_CARD {
-            mine.remove(0);
-        }
-        mine.push(challenge);
+        CHALLENGES.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remember(card, challenge);
         challenge
     }
 
     /// Whether `att` is a genuine answer to an earlier challenge of ours.
     fn answers_an_earlier_challenge(&self, card: CardId, key: &VerifyingKey, att: &wallet::Attestation) -> bool {
         let all = CHALLENGES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        all.get(&card).is_some_and(|old| old.iter().any(|c| wallet::verify_digest(key, &att.digest(c), &att.signature)))
+        all.by_card
+            .get(&card)
+            .is_some_and(|old| old.iter().any(|c| wallet::verify_digest(key, &att.digest(c), &att.signature)))
     }
 
     /// A card whose id is recorded passed: it must sign a fresh challenge
@@ -1174,6 +1194,29 @@ pub fn rng_health(samples: &[u8], chunks: &[Vec<u8>]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_challenge_memory_is_bounded_and_forgets_the_oldest_cards_first() {
+        let id = |n: usize| {
+            let mut b = [0u8; 10];
+            b[..8].copy_from_slice(&(n as u64).to_be_bytes());
+            CardId(b)
+        };
+        let mut m = Challenges::default();
+        for n in 0..CHALLENGE_CARDS + 10 {
+            m.remember(id(n), [n as u8; 32]);
+        }
+        assert_eq!(m.by_card.len(), CHALLENGE_CARDS);
+        assert_eq!(m.order.len(), CHALLENGE_CARDS);
+        assert!(!m.by_card.contains_key(&id(9)), "the oldest cards are forgotten");
+        assert!(m.by_card.contains_key(&id(10)) && m.by_card.contains_key(&id(CHALLENGE_CARDS + 9)));
+        // A card seen again keeps its place and its last challenges only.
+        for k in 0..6u8 {
+            m.remember(id(10), [k; 32]);
+        }
+        assert_eq!(m.by_card.len(), CHALLENGE_CARDS);
+        assert_eq!(m.by_card[&id(10)], vec![[2; 32], [3; 32], [4; 32], [5; 32]]);
+    }
 
     #[test]
     fn rng_health_accepts_good_and_rejects_stuck_output() {
