@@ -500,6 +500,66 @@ fn the_same_card_at_two_stations_at_once_one_wins_the_other_refuses_naming_the_h
 }
 
 #[test]
+fn a_card_torn_at_one_station_resumes_at_another_from_the_shared_record() {
+    let db = TestDb::new();
+    let url = db.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let profile = single_card_profile(dir.path());
+    // One seed: both chip factories make the same chip identity. At st-a
+    // the card is pulled mid-recipe and not put back; the operator then
+    // takes it to st-b.
+    let run = |id: &str, faults: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_station"))
+            .args(["run", "--profile"])
+            .arg(&profile)
+            .args(["--sim", "1", "--cards", "1", "--card-speed", "0", "--seed", "4242", "--headless"])
+            .args(["--sim-faults", faults])
+            .args(["--ledger", &url, "--station-id", id, "--batch", id])
+            .arg("--outbox")
+            .arg(dir.path().join(format!("{id}-outbox.db")))
+            .arg("--report-dir")
+            .arg(dir.path().join(id))
+            .current_dir(dir.path())
+            .output()
+            .expect("station run");
+        let t = text(&o);
+        assert!(o.status.success(), "{id}:\n{t}");
+        t
+    };
+    let ta = run("st-a", "tear=1");
+    assert!(ta.contains("card removed") && !ta.contains(" PASS "), "st-a: the card is torn:\n{ta}");
+    let tb = run("st-b", "");
+    assert!(tb.contains(" PASS "), "st-b finishes the card:\n{tb}");
+
+    let doc = export(&url);
+    let cards = strs(&doc, "cards");
+    assert_eq!(cards.len(), 1, "one card, one record: {doc}");
+    let card = cards[0];
+    let card_id = card["card_id"].as_str().expect("id");
+    assert_eq!(card["status"], "passed");
+    assert_eq!(card["station_id"], "st-b", "the station that finished it");
+    assert_eq!(card["attempts"], 2, "st-b went on from st-a's attempt, it did not start a new record");
+    // Both attempts are in the one journal of the card: st-a's, ended by
+    // the tear (retryable), then st-b's.
+    let mut c = db.client();
+    let rows: Vec<(String, i64, String, String)> = c
+        .query("SELECT station_id, attempt, step, event FROM steps WHERE card_id = $1 ORDER BY id", &[&card_id])
+        .expect("steps")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let a: Vec<_> = rows.iter().filter(|r| r.0 == "st-a").collect();
+    let b: Vec<_> = rows.iter().filter(|r| r.0 == "st-b").collect();
+    assert!(!a.is_empty() && a.iter().all(|r| r.1 == 1), "st-a journalled attempt 1: {rows:?}");
+    assert!(a.iter().any(|r| r.3 == "failed"), "st-a's attempt ended failed: {rows:?}");
+    assert!(!b.is_empty() && b.iter().all(|r| r.1 == 2), "st-b journalled attempt 2: {rows:?}");
+    assert!(b.iter().any(|r| r.2 == "record" && r.3 == "done"), "st-b recorded the card: {rows:?}");
+    let first_b = rows.iter().position(|r| r.0 == "st-b").expect("st-b rows");
+    assert!(rows[..first_b].iter().all(|r| r.0 == "st-a"), "st-a's attempt comes first: {rows:?}");
+    assert_unique_ids(&doc);
+}
+
+#[test]
 fn an_unreachable_database_fills_the_outbox_which_drains_when_it_returns() {
     let db = TestDb::new();
     let fwd = Forwarder::start();
