@@ -906,11 +906,18 @@ fn run_batch(args: RunArgs) -> anyhow::Result<()> {
         (None, Some(t)) => t.clone(),
         (None, None) => LedgerTarget::Sqlite(PathBuf::from("tapline-ledger.db")),
     };
-    let (ledger, writer) = Ledger::open_with(&OpenOptions {
-        target: target.clone(),
-        station_id: station_id.clone(),
-        outbox: args.outbox.clone(),
-    })?;
+    let options = OpenOptions { target: target.clone(), station_id: station_id.clone(), outbox: args.outbox.clone() };
+    let (ledger, writer, recovered) = Ledger::open_for_provisioning(&options, profile.audit_key.as_ref())?;
+    if recovered.cards + recovered.batches + recovered.bundles > 0 {
+        println!(
+            "recovered {} card(s) left in progress, {} unfinished batch(es) and {} forming bundle(s) from a previous \
+             run of station {station_id}: cards failed retryable ({}), resumed when presented again",
+            recovered.cards,
+            recovered.batches,
+            recovered.bundles,
+            station::ledger::INTERRUPTED
+        );
+    }
     let live = Live::new(&station_id);
     {
         let live = Arc::clone(&live);

@@ -4,7 +4,11 @@
 //! that serial, no serial or sealed bundle membership is issued twice, the
 //! cards a kill left in flight are listed as in progress (resumable, their
 //! steps journaled), and the audit chain verifies (a kill between an op and
-//! its audit row cannot happen: they share a savepoint).
+//! its audit row cannot happen: they share a savepoint). Each restart
+//! recovers what the killed run left: after the last, clean run no card is
+//! in progress, every card a kill left in flight is failed retryable
+//! ("interrupted: the station stopped mid-card", journaled) and every batch
+//! is finished with a signed head.
 //!
 //! The emulated cards are new chips on every run (another seed), so this
 //! does not re-present a half-provisioned card: it proves the ledger side,
@@ -101,8 +105,8 @@ fn run(ledger: &Path, reports: &Path, round: usize, seed: u64, kill_after: Optio
 }
 
 /// Everything that must hold of the ledger after a kill; returns the
-/// number of cards left in progress.
-fn check(ledger: &Path, printed: &HashMap<String, i64>, pinned: &k256::ecdsa::VerifyingKey) -> usize {
+/// cards left in progress.
+fn check(ledger: &Path, printed: &HashMap<String, i64>, pinned: &k256::ecdsa::VerifyingKey) -> Vec<String> {
     let conn = Connection::open_with_flags(ledger, OpenFlags::SQLITE_OPEN_READ_WRITE).expect("open");
     let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("integrity_check");
     assert_eq!(ok, "ok");
@@ -153,7 +157,43 @@ fn check(ledger: &Path, printed: &HashMap<String, i64>, pinned: &k256::ecdsa::Ve
     drop(conn);
     let report = audit::verify(ledger, Some(pinned)).expect("verify");
     assert!(report.ok(), "audit after a kill: {:?}", report.problems);
-    in_progress.len()
+    in_progress.into_iter().map(|(card, _)| card).collect()
+}
+
+/// After the last, clean run: nothing in progress, no batch unfinished,
+/// and every card a kill left in progress was failed retryable by the
+/// next start's recovery (at the step it was at, with a journal line).
+fn check_recovered(ledger: &Path, left: &HashSet<String>) {
+    let conn = Connection::open_with_flags(ledger, OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open");
+    let in_progress: i64 = conn
+        .query_row("SELECT COUNT(*) FROM cards WHERE status = 'in_progress'", [], |r| r.get(0))
+        .expect("in progress");
+    assert_eq!(in_progress, 0, "cards still in progress after the clean run");
+    let unfinished: i64 =
+        conn.query_row("SELECT COUNT(*) FROM batches WHERE finished_at IS NULL", [], |r| r.get(0)).expect("batches");
+    assert_eq!(unfinished, 0, "batches left unfinished");
+    for card in left {
+        let (status, reason, retryable, step): (String, Option<String>, Option<bool>, Option<String>) = conn
+            .query_row(
+                "SELECT status, failure_reason, retryable, failed_step FROM cards WHERE card_id = ?1",
+                [card],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .expect("card");
+        assert_eq!(
+            (status.as_str(), reason.as_deref(), retryable),
+            ("failed", Some(station::ledger::INTERRUPTED), Some(true)),
+            "card {card} left in progress by a kill"
+        );
+        let journaled: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM steps WHERE card_id = ?1 AND event = 'failed' AND step = ?2 AND detail LIKE ?3",
+                rusqlite::params![card, step, format!("{}%", station::ledger::INTERRUPTED)],
+                |r| r.get(0),
+            )
+            .expect("journal");
+        assert_eq!(journaled, 1, "card {card}: one journal line for its recovery");
+    }
 }
 
 #[test]
@@ -171,6 +211,7 @@ fn kill_9_at_random_points_never_breaks_the_ledger() {
             .expect("audit key");
     let mut printed: HashMap<String, i64> = HashMap::new();
     let (mut killed_mid_batch, mut left_in_progress) = (0, 0);
+    let mut left_by_kills: HashSet<String> = HashSet::new();
     for round in 0..=kills {
         let kill = (round < kills).then(|| Duration::from_millis(rng.between_ms(200, 2_000)));
         let r = run(&ledger, dir.path(), round, rng.next() >> 16, kill);
@@ -178,7 +219,11 @@ fn kill_9_at_random_points_never_breaks_the_ledger() {
         for (card, serial) in r.passed {
             assert!(printed.insert(card.clone(), serial).is_none(), "card {card} printed PASS twice");
         }
-        left_in_progress = check(&ledger, &printed, &pinned);
+        let left = check(&ledger, &printed, &pinned);
+        left_in_progress = left.len();
+        if round < kills {
+            left_by_kills.extend(left);
+        }
         eprintln!(
             "round {round}: {} after {kill:?}; {} cards printed PASS so far; {left_in_progress} in progress",
             if r.killed { "killed" } else { "finished" },
@@ -189,11 +234,15 @@ fn kill_9_at_random_points_never_breaks_the_ledger() {
     assert!(report.ok(), "{:?}", report.problems);
     assert!(report.heads.iter().all(|h| h.signature == "valid"), "{:?}", report.heads);
     assert!(!report.heads.is_empty(), "the last batch finished and signed its head");
+    assert_eq!(left_in_progress, 0, "the clean run leaves nothing in progress");
+    check_recovered(&ledger, &left_by_kills);
     eprintln!(
         "kill test: {killed_mid_batch}/{kills} kills landed mid-batch; {} PASS cards all recorded; {} audit rows, \
-         {} heads; {left_in_progress} cards left in progress",
+         {} heads; {} cards left in progress by kills, all recovered failed retryable; {left_in_progress} left \
+         in progress at the end",
         printed.len(),
         report.audit_rows,
-        report.heads.len()
+        report.heads.len(),
+        left_by_kills.len()
     );
 }

@@ -109,11 +109,17 @@ impl Daemon {
     /// batch thread. Fails with a clear message when any of them is wrong.
     pub fn start(config: DaemonConfig, live: Arc<Live>) -> anyhow::Result<Running> {
         let profiles = load_profiles(&config).map_err(|e| anyhow::anyhow!(e))?;
-        let (ledger, writer) = Ledger::open_with(&crate::ledger::OpenOptions {
-            target: config.ledger.clone(),
-            station_id: config.station_id.clone(),
-            outbox: Some(config.outbox.clone()),
-        })?;
+        // The heads of the batches a recovery closes are signed with the
+        // first audit key among the profiles.
+        let key = profiles.values().find_map(|l| l.profile.audit_key.clone());
+        let (ledger, writer, _recovered) = Ledger::open_for_provisioning(
+            &crate::ledger::OpenOptions {
+                target: config.ledger.clone(),
+                station_id: config.station_id.clone(),
+                outbox: Some(config.outbox.clone()),
+            },
+            key.as_ref(),
+        )?;
         {
             let live = Arc::clone(&live);
             ledger.observe_writes(Arc::new(move |d| live.metrics().observe_ledger_write(d)));

@@ -241,7 +241,8 @@ pub(super) struct Before {
 pub(super) fn before(conn: &Connection, op: &Op) -> rusqlite::Result<Before> {
     let mut keys: Vec<Key> = Vec::new();
     match op {
-        Op::Many(_) | Op::StartBatch(_) => {}
+        // A recovery is audited as its single changes (the writer expands it).
+        Op::Many(_) | Op::StartBatch(_) | Op::Recover { .. } => {}
         Op::FinishBatch { batch, .. } => keys.push(Key::Batch(*batch)),
         // A journal line other than an intent only adds its steps row.
         Op::Step { event, .. } if *event != StepEvent::Intent => {}
@@ -384,7 +385,7 @@ fn append(
 pub(super) fn record(conn: &Connection, op: &Op, reply: &Reply, at: &str, before: &Before) -> rusqlite::Result<()> {
     let (kind, card, step, op_detail): (&str, Option<&card::CardId>, Option<&str>, Value) = match op {
         // The writer records each part of a `Many` on its own.
-        Op::Many(_) => return Ok(()),
+        Op::Many(_) | Op::Recover { .. } => return Ok(()),
         Op::StartBatch(b) => ("batch_start", None, None, json!({ "name": b.name })),
         Op::FinishBatch { .. } => ("batch_finish", None, None, json!({})),
         Op::BeginCard { card, reader, batch, .. } => {

@@ -197,6 +197,29 @@ enum Op {
     /// Several changes as one: all applied, or none (the reply is the
     /// last one's).
     Many(Vec<Op>),
+    /// What a previous process of this station left when it stopped
+    /// mid-card (`kill -9`, power loss): every card it held in progress is
+    /// failed retryable at its current step with `reason`, its bundles
+    /// still forming are aborted and its unfinished batches are finished
+    /// (their heads signed with `key`). On SQLite it is applied and audited
+    /// as those single changes (`Fail`, `BundleAborted`, `FinishBatch`).
+    Recover {
+        reason: String,
+        #[serde(skip)]
+        key: Option<AuditKey>,
+    },
+}
+
+/// The reason recorded on a card that a stopped station left in progress
+/// (stable: reports and operators match on it).
+pub const INTERRUPTED: &str = "interrupted: the station stopped mid-card";
+
+/// What [`Ledger::recover`] closed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovered {
+    pub cards: u64,
+    pub batches: u64,
+    pub bundles: u64,
 }
 
 /// A card id as its hex text (the ledger's `card_id`).
@@ -310,6 +333,8 @@ enum Reply {
     /// Taken into the outbox while PostgreSQL is away: durable here, applied
     /// there in order when it returns (serials are allocated then).
     Queued,
+    /// What [`Op::Recover`] closed.
+    Recovered(Recovered),
 }
 
 /// Serials by card (card id as hex).
@@ -523,6 +548,43 @@ impl Ledger {
             },
             LedgerWriter { handle },
         ))
+    }
+
+    /// Opens the ledger for provisioning (`station run`, `station daemon`):
+    /// [`Ledger::open_with`], then [`Ledger::recover`] of what a previous
+    /// process of this station left in progress. `key` signs the heads of
+    /// the batches it closes.
+    pub fn open_for_provisioning(
+        options: &OpenOptions,
+        key: Option<&AuditKey>,
+    ) -> Result<(Ledger, LedgerWriter, Recovered), LedgerError> {
+        let (ledger, writer) = Self::open_with(options)?;
+        let recovered = ledger.recover(key)?;
+        tracing::info!(
+            ledger = %ledger.path().display(),
+            station = %ledger.station_id(),
+            cards = recovered.cards,
+            batches = recovered.batches,
+            bundles = recovered.bundles,
+            "recovered what a previous run of this station left in progress (cards failed retryable: {INTERRUPTED})"
+        );
+        Ok((ledger, writer, recovered))
+    }
+
+    /// Closes what a previous process of this station left when it stopped
+    /// mid-card: its cards still in progress are failed retryable at their
+    /// current step ([`INTERRUPTED`]; presenting one again resumes it), its
+    /// bundles still forming are aborted and its unfinished batches are
+    /// finished, in one transaction. SQLite: everything in the file;
+    /// PostgreSQL: only what this station holds, never another station's.
+    /// Call it before this process starts any card.
+    pub fn recover(&self, key: Option<&AuditKey>) -> Result<Recovered, LedgerError> {
+        match self.call(Op::Recover { reason: INTERRUPTED.to_string(), key: key.cloned() })? {
+            Reply::Recovered(r) => Ok(r),
+            // PostgreSQL away: applied from the outbox when it returns.
+            Reply::Queued => Ok(Recovered::default()),
+            _ => Err(LedgerError::WriterGone),
+        }
     }
 
     /// The SQLite file, or for PostgreSQL its URL without the password
@@ -859,12 +921,24 @@ impl Backend for SqliteBackend {
                 let mut sp = tx.savepoint()?;
                 // Each change of a request gets its own audit row, right
                 // after it is applied; the reply is the last change's.
-                let r = op.parts().into_iter().try_fold(Reply::Unit, |_, op| {
-                    let before = audit::before(&sp, op)?;
-                    let reply = apply(&sp, op, ts, station)?;
-                    audit::record(&sp, op, &reply, ts, &before)?;
-                    Ok::<_, ApplyError>(reply)
-                });
+                let r = (|| {
+                    // A recovery is audited as the single changes it makes.
+                    let (expanded, recovered) = match op {
+                        Op::Recover { reason, key } => {
+                            let (ops, r) = recover_parts(&sp, reason, key.as_ref(), station)?;
+                            (Some(ops), Some(r))
+                        }
+                        _ => (None, None),
+                    };
+                    let parts = expanded.as_ref().map_or_else(|| op.parts(), |ops| ops.iter().collect());
+                    let reply = parts.into_iter().try_fold(Reply::Unit, |_, op| {
+                        let before = audit::before(&sp, op)?;
+                        let reply = apply(&sp, op, ts, station)?;
+                        audit::record(&sp, op, &reply, ts, &before)?;
+                        Ok::<_, ApplyError>(reply)
+                    })?;
+                    Ok::<_, ApplyError>(recovered.map_or(reply, Reply::Recovered))
+                })();
                 match r {
                     Ok(reply) => {
                         sp.commit()?;
@@ -904,8 +978,64 @@ fn refused(detail: String) -> ApplyError {
     ApplyError::Refused(detail)
 }
 
+/// The single changes of a recovery on SQLite (every card in progress,
+/// every bundle forming, every unfinished batch in the file: one file is
+/// one station's), and what they close.
+fn recover_parts(
+    tx: &Connection,
+    reason: &str,
+    key: Option<&AuditKey>,
+    station: &str,
+) -> Result<(Vec<Op>, Recovered), ApplyError> {
+    let mut ops = Vec::new();
+    let bundles: Vec<String> = tx
+        .prepare("SELECT bundle_id FROM bundles WHERE status = 'forming' ORDER BY created_at, bundle_id")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let cards: Vec<(String, i64, String)> = tx
+        .prepare(
+            "SELECT card_id, attempts, COALESCE(current_step,
+                    CASE WHEN stage = 'ready_for_pairing' THEN 'pairing' ELSE 'identify' END)
+             FROM cards WHERE status = 'in_progress' ORDER BY updated_at, card_id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let batches: Vec<i64> = tx
+        .prepare("SELECT id FROM batches WHERE finished_at IS NULL ORDER BY id")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let recovered =
+        Recovered { cards: cards.len() as u64, batches: batches.len() as u64, bundles: bundles.len() as u64 };
+    for bundle in bundles {
+        ops.push(Op::BundleAborted { bundle, reason: reason.to_string() });
+    }
+    for (id, attempts, step) in cards {
+        let card = id.parse::<CardId>().map_err(|e| refused(format!("card {id}: {e}")))?;
+        ops.push(Op::Fail {
+            card,
+            attempt: attempts as u32,
+            step,
+            reason: reason.to_string(),
+            detail: format!("recovered when station {station} started again"),
+            retryable: true,
+        });
+    }
+    for batch in batches {
+        ops.push(Op::FinishBatch { batch, key: key.cloned() });
+    }
+    Ok((ops, recovered))
+}
+
 fn apply(tx: &Connection, op: &Op, ts: &str, station: &str) -> Result<Reply, ApplyError> {
     match op {
+        // Unaudited here (the writer audits its parts one by one).
+        Op::Recover { reason, key } => {
+            let (ops, recovered) = recover_parts(tx, reason, key.as_ref(), station)?;
+            for op in &ops {
+                apply(tx, op, ts, station)?;
+            }
+            Ok(Reply::Recovered(recovered))
+        }
         // Inside the request's savepoint: a refused part undoes them all.
         Op::Many(ops) => {
             let mut last = Reply::Unit;
@@ -1328,6 +1458,70 @@ mod tests {
         let station = |card: &str| doc.cards.iter().find(|c| c.card_id == card).and_then(|c| c.station_id.clone());
         assert_eq!(station(&id(3).to_hex()), Some("st-9".to_string()));
         assert_eq!(station("0202020202"), None, "old rows have no station");
+    }
+
+    #[test]
+    fn recovery_fails_what_a_stopped_station_left_in_progress_and_it_resumes() {
+        let (_d, path, l, w, b) = open();
+        l.begin_card(id(1), "r1", b, "", "").expect("begin");
+        l.step(id(1), 1, "firmware", StepEvent::Intent, "", "r1").expect("intent");
+        l.begin_card(id(2), "r2", b, "", "").expect("begin, no step yet");
+        l.begin_card(id(3), "r3", b, "", "").expect("begin");
+        let serial = l.pass(id(3), 1, "ready_for_pairing").expect("pass").expect("serial");
+        l.begin_card(id(4), "r4", b, "", "").expect("begin");
+        l.fail(id(4), 1, "gp_session", "wrong keys", "d", false).expect("fail");
+        l.begin_card(id(5), "r5", b, "", "").expect("begin");
+        l.ready(id(5), 1).expect("ready");
+        l.bundle_start("B1", b, vec![(id(5), "primary")]).expect("bundle");
+        // The process dies here (nothing finishes); a new one starts.
+        drop(l);
+        w.close();
+        let (l, w, r) =
+            Ledger::open_for_provisioning(&OpenOptions::new(LedgerTarget::Sqlite(path.clone()), "st-1"), None)
+                .expect("reopen");
+        assert_eq!(r, Recovered { cards: 3, batches: 1, bundles: 1 });
+        assert_eq!(l.recover(None).expect("again"), Recovered::default(), "nothing left the second time");
+        drop(l);
+        w.close();
+        let doc = export::export(&path).expect("export");
+        let card = |n: u8| doc.cards.iter().find(|c| c.card_id == id(n).to_hex()).expect("card");
+        for (n, step) in [(1, "firmware"), (2, "identify"), (5, "pairing")] {
+            let c = card(n);
+            assert_eq!(
+                (c.status.as_str(), c.failed_step.as_deref(), c.failure_reason.as_deref(), c.retryable),
+                ("failed", Some(step), Some(INTERRUPTED), Some(true)),
+                "card {n}"
+            );
+            let journal = export::steps(&path, &c.card_id).expect("steps");
+            let last = journal.last().expect("a journal line");
+            assert_eq!((last.step.as_str(), last.event.as_str(), last.attempt), (step, "failed", 1));
+            assert!(last.detail.as_deref().is_some_and(|d| d.starts_with(INTERRUPTED)), "{last:?}");
+        }
+        assert_eq!((card(3).status.as_str(), card(3).serial), ("passed", Some(serial)));
+        assert_eq!(
+            (card(4).failure_reason.as_deref(), card(4).retryable, card(4).failed_step.as_deref()),
+            (Some("wrong keys"), Some(false), Some("gp_session")),
+            "an earlier failure is left as it was"
+        );
+        assert_eq!(doc.bundles[0].status, "aborted");
+        let conn = Connection::open(&path).expect("conn");
+        let open: i64 =
+            conn.query_row("SELECT COUNT(*) FROM batches WHERE finished_at IS NULL", [], |r| r.get(0)).expect("n");
+        assert_eq!(open, 0, "the interrupted batch is closed");
+        drop(conn);
+        let report = audit::verify(&path, None).expect("verify");
+        assert!(report.ok(), "{:?}", report.problems);
+        assert_eq!(report.heads.len(), 1, "the closed batch has its head");
+        // Presented again, a recovered card resumes: attempt 2, in progress.
+        let (l, w) = Ledger::open(&path).expect("reopen");
+        let prior = l.begin_card(id(1), "r1", b, "", "").expect("again").expect("known");
+        assert_eq!((prior.status, prior.attempts), (CardStatus::Failed, 1));
+        drop(l);
+        w.close();
+        let c = export::export(&path).expect("export").cards.into_iter().find(|c| c.card_id == id(1).to_hex());
+        let c = c.expect("card 1");
+        assert_eq!((c.status.as_str(), c.attempts, c.failure_reason), ("in_progress", 2, None));
+        assert!(audit::verify(&path, None).expect("verify").ok());
     }
 
     #[test]

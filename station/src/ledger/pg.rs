@@ -276,6 +276,42 @@ fn apply(tx: &mut Transaction<'_>, op: &Op, ts: &str, station: &str) -> Result<R
             tx.execute("UPDATE batches SET finished_at = $1 WHERE id = $2", &[&ts, batch])?;
             Ok(Reply::Unit)
         }
+        // Only what this station holds: another station's cards, bundles
+        // and batches are never touched (its own start recovers them).
+        Op::Recover { reason, .. } => {
+            let bundles = tx.execute(
+                "UPDATE bundles SET status = 'aborted', reason = $2 WHERE status = 'forming' AND station_id = $1",
+                &[&station, reason],
+            )?;
+            let mine = "status = 'in_progress' AND (held_by = $1 OR (held_by IS NULL AND station_id = $1))";
+            let detail = format!("recovered when station {station} started again");
+            tx.execute(
+                &format!(
+                    "INSERT INTO steps (card_id, attempt, step, event, detail, at, station_id)
+                     SELECT card_id, attempts, COALESCE(current_step,
+                            CASE WHEN stage = 'ready_for_pairing' THEN 'pairing' ELSE 'identify' END),
+                            'failed', $2, $3, $1
+                     FROM cards WHERE {mine} ORDER BY updated_at, card_id"
+                ),
+                &[&station, &format!("{reason}: {detail}"), &ts],
+            )?;
+            let cards = tx.execute(
+                &format!(
+                    "UPDATE cards SET status = 'failed',
+                        failed_step = COALESCE(current_step,
+                            CASE WHEN stage = 'ready_for_pairing' THEN 'pairing' ELSE 'identify' END),
+                        failure_reason = $2, failure_detail = $3, retryable = 1, current_step = NULL,
+                        updated_at = $4, held_by = NULL, lease_until = NULL
+                     WHERE {mine}"
+                ),
+                &[&station, reason, &detail, &ts],
+            )?;
+            let batches = tx.execute(
+                "UPDATE batches SET finished_at = $2 WHERE finished_at IS NULL AND station_id = $1",
+                &[&station, &ts],
+            )?;
+            Ok(Reply::Recovered(super::Recovered { cards, batches, bundles }))
+        }
         Op::BeginCard { card, reader, batch, atr, cplc } => {
             let id = card.to_hex();
             // Twice at most: a first sight that loses the insert race to
@@ -536,6 +572,7 @@ fn audit_fields(op: &Op) -> (&'static str, Option<String>, Option<String>, Optio
         Op::BundleStart { batch, .. } => ("bundle_start", None, None, Some(*batch)),
         Op::BundleSealed { .. } => ("bundle_sealed", None, None, None),
         Op::BundleAborted { .. } => ("bundle_aborted", None, None, None),
+        Op::Recover { .. } => ("recover", None, None, None),
         Op::Many(ops) => ops.last().map_or(("many", None, None, None), audit_fields),
     }
 }
@@ -1053,6 +1090,87 @@ mod tests {
         let err = open_client(&db.url).err().expect("a newer schema is refused");
         assert!(err.to_string().contains("newer"), "{err}");
         assert!(err.to_string().contains(&super::super::target::redact(&db.url)), "{err}");
+    }
+
+    #[test]
+    fn recovery_fails_only_this_stations_cards_and_batches() {
+        use crate::ledger::{INTERRUPTED, Ledger, LedgerTarget, OpenOptions, Recovered};
+        use card::CardId;
+        let db = TestDb::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = |station: &str| OpenOptions {
+            target: LedgerTarget::parse(&db.url).expect("url"),
+            station_id: station.into(),
+            outbox: Some(dir.path().join(format!("outbox-{station}.db"))),
+        };
+        let info = |name: &str| BatchInfo {
+            name: name.into(),
+            profile: "p".into(),
+            product: "x".into(),
+            firmware: "f".into(),
+            firmware_sha256: "00".into(),
+        };
+        let (a, b_card) = (CardId([0xA1; 10]), CardId([0xB1; 10]));
+        let (la, wa) = Ledger::open_with(&opts("st-a")).expect("open a");
+        let batch_a = la.start_batch(info("a")).expect("batch a");
+        la.begin_card(a, "ra", batch_a, "", "").expect("begin a");
+        la.step(a, 1, "firmware", crate::ledger::StepEvent::Intent, "", "ra").expect("intent a");
+        let (lb, wb) = Ledger::open_with(&opts("st-b")).expect("open b");
+        let batch_b = lb.start_batch(info("b")).expect("batch b");
+        lb.begin_card(b_card, "rb", batch_b, "", "").expect("begin b");
+        // Station B dies and starts again: its card is recovered, A's not.
+        drop(lb);
+        wb.close();
+        let (lb, wb, r) = Ledger::open_for_provisioning(&opts("st-b"), None).expect("reopen b");
+        assert_eq!(r, Recovered { cards: 1, batches: 1, bundles: 0 });
+        drop(lb);
+        wb.close();
+        let mut c = connect(&db.url).expect("connect");
+        let card = |c: &mut Client, id: CardId| {
+            let r = c
+                .query_one(
+                    "SELECT status, failure_reason, retryable, failed_step, held_by FROM cards WHERE card_id = $1",
+                    &[&id.to_hex()],
+                )
+                .expect("card");
+            (
+                r.get::<_, String>(0),
+                r.get::<_, Option<String>>(1),
+                r.get::<_, Option<i64>>(2),
+                r.get::<_, Option<String>>(3),
+                r.get::<_, Option<String>>(4),
+            )
+        };
+        assert_eq!(
+            card(&mut c, b_card),
+            ("failed".into(), Some(INTERRUPTED.into()), Some(1), Some("identify".into()), None)
+        );
+        assert_eq!(
+            card(&mut c, a),
+            ("in_progress".into(), None, None, None, Some("st-a".into())),
+            "station A's card is not touched"
+        );
+        let finished = |c: &mut Client, id: i64| {
+            c.query_one("SELECT finished_at IS NOT NULL FROM batches WHERE id = $1", &[&id])
+                .expect("batch")
+                .get::<_, bool>(0)
+        };
+        assert!(finished(&mut c, batch_b), "B's interrupted batch is closed");
+        assert!(!finished(&mut c, batch_a), "A's running batch is not");
+        let journal: i64 = c
+            .query_one(
+                "SELECT COUNT(*) FROM steps WHERE card_id = $1 AND event = 'failed' AND station_id = 'st-b'",
+                &[&b_card.to_hex()],
+            )
+            .expect("steps")
+            .get(0);
+        assert_eq!(journal, 1);
+        // A is still at work: its card goes on.
+        la.step(a, 1, "firmware", crate::ledger::StepEvent::Done, "", "ra").expect("a continues");
+        la.pass(a, 1, "ready_for_pairing").expect("pass a");
+        drop(la);
+        wa.close();
+        assert!(verify_chains(&db.url).expect("chains").iter().all(|ch| ch.problems.is_empty()));
     }
 
     #[test]
