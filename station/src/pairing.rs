@@ -321,19 +321,7 @@ fn on<R: Send + 'static>(
     what: &'static str,
     f: impl FnOnce(&mut WalletClient<'_>) -> Result<R, CardError> + Send + 'static,
 ) -> Result<R, PairError> {
-    match members[who].lane.call(move |t| f(&mut WalletClient::new(t))) {
-        Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) => Err(card_error(who, what, &e)),
-        Err(LaneGone) => Err(PairError {
-            culprit: Some(who),
-            failure: Failure {
-                step: Step::Pairing,
-                reason: format!("{what}: reader stopped"),
-                detail: "the reader's worker ended during pairing".into(),
-                retryable: true,
-            },
-        }),
-    }
+    wait(who, what, members[who].lane.start(move |t| f(&mut WalletClient::new(t))))
 }
 
 /// Runs one call on each of several members at once (each on its own
